@@ -1,0 +1,97 @@
+"""Pretrain an encoder: `accelerate launch pretrain.py --config configs/X.yaml [section.key=value ...]`.
+
+Also runs as `python pretrain.py ...` (one process). On a machine without a GPU,
+`accelerate launch --multi_gpu --num_processes 2 pretrain.py ...` starts 2 CPU processes (gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from accelerate.utils import set_seed
+
+from selfsup.builders import build_backbone, build_labelled_pair, build_pretraining, in_chans, run_dir_for
+from selfsup.config import ConfigError, load_config, save_config
+from selfsup.engine import fit, make_accelerator, make_loader
+from selfsup.evaluation import KNNMonitor
+from selfsup.export import save_encoder
+from selfsup.plots import plot_metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file with sections data, backbone, method, optim, train, eval")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3 train.epochs=5")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    run_dir = run_dir_for(cfg)
+    accelerator = make_accelerator(cfg, run_dir)
+    set_seed(cfg.train.seed)
+
+    # build everything before any work, so a bad dataset path or backbone name fails fast
+    method, train_set, info = build_pretraining(cfg)
+    loader = make_loader(train_set, cfg.data, seed=cfg.train.seed)
+    monitor = None
+    if cfg.eval.every_epochs or cfg.eval.at_end:
+        monitor = build_monitor(cfg, accelerator.device)
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    accelerator.print(f"[selfsup] run directory {run_dir}; world size {accelerator.num_processes}")
+
+    result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=monitor)
+
+    summary = {"run_dir": str(run_dir), "steps": result.steps, "last_loss": result.last_loss}
+    if result.eval_history:
+        summary.update({k: v for k, v in result.eval_history[-1].items() if k.startswith("knn")})
+    if monitor is not None and cfg.eval.random_init_baseline and accelerator.is_main_process:
+        set_seed(cfg.train.seed)  # the very initialisation the run started from
+        baseline = monitor(build_backbone(cfg).to(accelerator.device))
+        summary.update({f"random_init_{k}": v for k, v in baseline.items()})
+    if accelerator.is_main_process:
+        save_encoder(
+            method.encoder,  # prepare() wrapped this same module; its weights are the trained ones
+            run_dir / "encoder",
+            method=cfg.method.name,
+            data={"dataset": cfg.data.dataset, "image_size": cfg.data.image_size, "mean": list(info.mean),
+                  "std": list(info.std), "in_chans": in_chans(cfg)},
+        )
+        plot_metrics(run_dir / "metrics.jsonl", run_dir)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
+    accelerator.end_training()
+    return summary
+
+
+def build_monitor(cfg, device) -> KNNMonitor | None:
+    """kNN monitor on a labelled split; None (with a note) when the data has no labels."""
+    dataset = cfg.eval.dataset or cfg.data.dataset
+    root = cfg.eval.root if cfg.eval.dataset else (cfg.eval.root or cfg.data.root)
+    train_set, test_set = build_labelled_pair(
+        dataset, root=root, image_size=cfg.data.image_size, in_chans=in_chans(cfg),
+        train_split=cfg.eval.train_split, test_split=cfg.eval.test_split,
+        max_train=cfg.eval.max_train_samples, max_test=cfg.eval.max_test_samples,
+        download=cfg.data.download, seed=cfg.train.seed,
+        num_samples=cfg.data.num_samples, num_classes=cfg.data.num_classes,
+    )
+    if getattr(train_set.base, "num_classes", None) is None:
+        print(f"[selfsup] {dataset} has no labels here: no kNN monitor (set eval.dataset to a labelled set)")
+        return None
+    return KNNMonitor(train_set, test_set, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                      batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
+                      bf16=cfg.train.precision == "bf16" or None)
+
+
+if __name__ == "__main__":
+    main()

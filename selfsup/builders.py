@@ -1,0 +1,85 @@
+"""Config -> objects: the few assembly steps shared by pretrain.py and the tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from selfsup.backbones import create_backbone
+from selfsup.config import Config
+from selfsup.data import DatasetInfo, ViewDataset, build_dataset, dataset_info
+from selfsup.methods import Method, build_method
+from selfsup.transforms import build_eval_transform, build_views
+
+
+def run_dir_for(cfg: Config) -> Path:
+    """runs/<run_name or config stem>: the same command always finds the same run (resume=auto)."""
+    name = cfg.train.run_name or (Path(cfg.source).stem if cfg.source else f"{cfg.method.name}_{cfg.data.dataset}")
+    return Path(cfg.train.output_dir) / name
+
+
+def in_chans(cfg: Config) -> int:
+    return int(cfg.backbone.kwargs.get("in_chans", 3))
+
+
+def build_backbone(cfg: Config) -> nn.Module:
+    return create_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
+
+
+def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:
+    """The method around its backbone, and the training set yielding the method's views."""
+    method = build_method(cfg.method, build_backbone(cfg))
+    info = dataset_info(cfg.data.dataset)
+    view_kwargs = dict(cfg.data.views)
+    if cfg.data.num_views is not None:
+        view_kwargs["num_views"] = cfg.data.num_views
+    views = build_views(
+        cfg.data.preset or method.views,
+        image_size=cfg.data.image_size,
+        mean=info.mean,
+        std=info.std,
+        in_chans=in_chans(cfg),
+        **view_kwargs,
+    )
+    base = build_dataset(
+        cfg.data.dataset,
+        root=cfg.data.root,
+        split=cfg.data.split,
+        download=cfg.data.download,
+        subset=cfg.data.subset,
+        seed=cfg.train.seed,
+        image_size=cfg.data.image_size,
+        num_samples=cfg.data.num_samples,
+        num_classes=cfg.data.num_classes,
+    )
+    return method, ViewDataset(base, method.view_transform(views), seed=cfg.train.seed), info
+
+
+def build_labelled_pair(
+    dataset: str,
+    *,
+    root: str | None,
+    image_size: int,
+    in_chans: int,
+    train_split: str = "train",
+    test_split: str = "test",
+    max_train: int | None = None,
+    max_test: int | None = None,
+    download: bool = False,
+    seed: int = 0,
+    num_samples: int = 512,
+    num_classes: int = 10,
+) -> tuple[Dataset, Dataset]:
+    """Train/test sets with the deterministic eval transform (kNN, linear probe on cached features)."""
+    info = dataset_info(dataset)
+    transform = build_eval_transform(image_size=image_size, mean=info.mean, std=info.std, in_chans=in_chans)
+    out = []
+    for split, limit in ((train_split, max_train), (test_split, max_test)):
+        base = build_dataset(
+            dataset, root=root, split=split, download=download, subset=limit, seed=seed,
+            image_size=image_size, num_samples=num_samples, num_classes=num_classes,
+        )
+        out.append(ViewDataset(base, transform, seed=seed))
+    return out[0], out[1]

@@ -1,0 +1,289 @@
+"""Typed run configuration: YAML file + dotted command-line overrides, validated before any work.
+
+Hand-written on dataclasses rather than OmegaConf because the one thing we need beyond a typed
+merge is an error that names the closest valid key, and each method declares its own section
+(`Method.Config`), which is resolved by the method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"  # image_folder | cifar10 | cifar100 | stl10 | fashion_mnist | synthetic
+    root: str | None = None  # dataset directory; None: the dataset's default location
+    split: str = "train"
+    download: bool = False  # allow torchvision to download (never needed for fashion_mnist on Debian)
+    subset: int | None = None  # use a fixed random subset of this many images (quick runs)
+    image_size: int = 32
+    batch_size: int = 256  # per process; the global batch is batch_size x processes x accumulate_steps
+    num_workers: int = 2
+    preset: str | None = None  # view preset; None: the method's own (simclr, moco_v2, mae, ...)
+    num_views: int | None = None  # None: the preset's default
+    views: dict[str, Any] = field(default_factory=dict)  # view overrides: crop_scale, blur_p, ...
+    num_samples: int = 512  # synthetic only
+    num_classes: int = 10  # synthetic only
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet18_small"  # a registered variant or any timm model name
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm (in_chans, img_size, ...)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw | lars | lamb | any timm optimizer name
+    lr: float = 0.3  # base learning rate for a global batch of 256 (see lr_scaling)
+    lr_scaling: str = "linear"  # linear: lr * global_batch / 256 | sqrt | none
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 10.0
+    min_lr: float = 0.0
+    exclude_bias_and_norm: bool = True  # no weight decay on biases, norms, pos-embeds, cls tokens
+    layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    accumulate_steps: int = 1
+    clip_grad: float | None = None  # max gradient norm
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | no | bf16 | fp16
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str | None = None  # None: the config file's stem
+    resume: str = "auto"  # auto: continue from the run dir's last checkpoint | never | a path
+    checkpoint_every_steps: int = 500
+    keep_checkpoints: int = 2
+    log_every_steps: int = 10
+    trackers: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
+    compile: bool = False
+    channels_last: bool = False
+    skip_nonfinite: bool = False  # skip steps whose loss is NaN/Inf instead of stopping
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 0  # kNN monitor period; 0: only at the end
+    at_end: bool = True
+    dataset: str | None = None  # labelled dataset for the monitor; None: data.dataset
+    root: str | None = None
+    train_split: str = "train"
+    test_split: str = "test"
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    max_train_samples: int | None = 10000
+    max_test_samples: int | None = 2000
+    batch_size: int = 256
+    random_init_baseline: bool = False  # at the end, also score the same backbone at random init
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: Any = None  # the method's own Config dataclass, chosen by method.name
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str | None = None  # the file it was loaded from (not a user key)
+
+
+SECTIONS = ("data", "backbone", "method", "optim", "train", "eval")
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML, apply `a.b=value` overrides, and validate every key and type."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} not found; pass an existing YAML file to --config.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}.")
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = from_dict(raw)
+    cfg.source = str(path) if path is not None else None
+    return cfg
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a validated Config from a plain nested dict."""
+    _check_keys(raw, SECTIONS, "")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.name not in raw or f.name == "method":
+            continue
+        kwargs[f.name] = _build(f.type if not isinstance(f.type, str) else _CONFIG_TYPES[f.name], raw[f.name], f.name)
+    method_raw = raw.get("method") or {}
+    if not isinstance(method_raw, dict):
+        raise ConfigError("'method' must be a mapping with at least 'name' (simclr, moco, mae, simmim or module:Class).")
+    kwargs["method"] = build_method_config(method_raw)
+    return Config(**kwargs)
+
+
+def build_method_config(raw: dict[str, Any]) -> Any:
+    """Validate the `method` section against the Config dataclass of the method it names."""
+    from selfsup.methods import get_method_class  # lazy: methods import the shared modules, not config
+
+    name = raw.get("name", "simclr")
+    method_cls = get_method_class(name)
+    return _build(method_cls.Config, {**raw, "name": name}, "method")
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-able structure of a config (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != "source"}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+_CONFIG_TYPES = {
+    "data": DataConfig,
+    "backbone": BackboneConfig,
+    "optim": OptimConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def _check_keys(raw: dict[str, Any], valid: tuple[str, ...] | list[str], where: str) -> None:
+    for key in raw:
+        if key not in valid:
+            full = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
+            hint = f" Did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
+            scope = f"'{where}'" if where else "the top level"
+            raise ConfigError(f"Unknown config key '{full}'.{hint} Valid keys in {scope}: {', '.join(valid)}.")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"'{where}' must be a mapping of keys to values, got {type(raw).__name__} {raw!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(raw, [n for n in fields if n != "source"], where)
+    hints = typing.get_type_hints(cls)
+    values = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in raw.items()}
+    return cls(**values)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; accept the obvious conversions (int -> float, '1e-3')."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise _type_error(key, value, tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(key, value, tp)
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"'{key}' needs {len(args)} values ({_type_name(tp)}), got {value!r}.")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        out = [_coerce(v, item, key) for v in value]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(key, value, tp)
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, value, tp)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _type_error(key, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+        raise _type_error(key, value, tp)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, value, tp)
+    return value
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(
+        f"Config key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}. "
+        f"Fix the value in the YAML file or the override '{key}=...'."
+    )
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"Override {item!r} is not of the form section.key=value (e.g. optim.lr=0.3).")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"Override {item!r} must name a section and a key, e.g. train.epochs=5.")
+    value = yaml.safe_load(text) if text.strip() else None
+    node = raw
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"Override {item!r}: '{k}' holds a value, not a section.")
+        node = child
+    node[keys[-1]] = value

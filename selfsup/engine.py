@@ -1,0 +1,367 @@
+"""The one training loop, on Accelerate: pretraining, linear probing and fine-tuning all run here.
+
+Read `fit` top to bottom: prepare, resume, then per step forward -> finite check -> backward ->
+clip -> optimizer step -> schedule -> `after_step` -> log -> checkpoint; per epoch the optional
+evaluation. Everything device- or process-specific (placement, mixed precision, DDP, gathers of
+metrics, who writes files) is decided here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from selfsup.config import Config, DataConfig
+from selfsup.data import EpochSampler
+from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "trainer_state.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the message carries the step, the last finite loss and the fixes."""
+
+
+@dataclass
+class FitResult:
+    steps: int
+    epochs_completed: int
+    last_loss: float | None
+    skipped_nonfinite: int = 0
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelerator:
+    """An Accelerator for this machine: CPU processes (gloo) when no GPU, bf16 autocast on GPUs that have it."""
+    has_cuda = torch.cuda.is_available()
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "no"
+    if precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"train.precision must be auto, no, bf16 or fp16, got {cfg.train.precision!r}.")
+    return Accelerator(
+        cpu=not has_cuda,
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.accumulate_steps,
+        log_with=list(cfg.train.trackers) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir) if run_dir else None),
+        # the schedule is stepped by us per optimizer update, never per process
+        step_scheduler_with_optimizer=False,
+        dataloader_config=DataLoaderConfiguration(non_blocking=has_cuda),
+    )
+
+
+def make_loader(
+    dataset: Dataset,
+    data_cfg: DataConfig,
+    *,
+    seed: int,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    batch_size: int | None = None,
+) -> DataLoader:
+    """DataLoader whose order and augmentations are a function of (seed, epoch, index) only.
+
+    The EpochSampler yields (epoch, index) keys, so a resumed run sees exactly the images and views
+    an uninterrupted run would; the loader's own generator keeps the global RNG untouched.
+    """
+    workers = data_cfg.num_workers
+    return DataLoader(
+        dataset,
+        batch_size=batch_size or data_cfg.batch_size,
+        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def fit(
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: Config,
+    accelerator: Accelerator,
+    *,
+    run_dir: str | Path,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> FitResult:
+    """Train `model` (forward(batch) -> StepOutput) on `loader` as `cfg.train` says; resumable."""
+    tcfg = cfg.train
+    run_dir = Path(run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    is_main = accelerator.is_main_process
+    sampler = loader.sampler if isinstance(loader.sampler, EpochSampler) else None
+
+    # --- effective batch and learning rate (printed: the first thing to check in any run) -----
+    world = accelerator.num_processes
+    accumulate = tcfg.accumulate_steps
+    batch_size = loader.batch_size
+    global_batch = batch_size * world * accumulate
+    lr = scaled_lr(cfg.optim, global_batch)
+    if optimizer is None:
+        optimizer = build_optimizer(model, cfg.optim, lr)
+    if tcfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if tcfg.compile:
+        model.compile()  # in place: parameter names (and exported keys) stay the same
+
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    batches_per_epoch = len(loader)
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
+    if batches_per_epoch == 0:
+        raise ValueError(
+            f"The dataset has fewer images than one global batch ({global_batch} = data.batch_size "
+            f"{loader.batch_size} x {world} processes x {accumulate} accumulation steps); "
+            "lower data.batch_size or use more data."
+        )
+    total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
+    accelerator.print(
+        f"[selfsup] processes={world} per-process batch={batch_size} accumulate={accumulate} "
+        f"-> global batch {global_batch}; lr = {cfg.optim.lr:g} x scaling '{cfg.optim.lr_scaling}' = {lr:.6g}; "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps}; "
+        f"device={accelerator.device} precision={accelerator.mixed_precision}"
+    )
+
+    # --- resume --------------------------------------------------------------------------------
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "last_loss": None, "skipped_nonfinite": 0}
+    resume_from = find_resume_checkpoint(tcfg.resume, ckpt_root)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        state.update(json.loads((resume_from / STATE_FILE).read_text()))
+        accelerator.print(f"[selfsup] resumed from {resume_from} at step {state['step']}")
+    if tcfg.trackers:
+        accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))
+
+    step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
+    if skip >= batches_per_epoch:  # the checkpoint closed an epoch
+        epoch, skip = epoch + 1, 0
+    scheduler.step_update(step + 1)  # the lr of the next update
+    unwrapped = accelerator.unwrap_model(model)
+    metrics_file = run_dir / "metrics.jsonl"
+    result = FitResult(step, epoch, state["last_loss"], state["skipped_nonfinite"])
+    last_saved = step if resume_from is not None else -1
+
+    position = (epoch, skip)
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
+    window_images, window_start = 0, time.perf_counter()
+    while step < total_steps and (tcfg.max_steps or epoch < tcfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        batch_index = skip
+        for batch in batches:
+            batch_index += 1
+            with accelerator.accumulate(model):
+                out = model(batch)
+                if not _all_finite(out.loss, accelerator):
+                    if not tcfg.skip_nonfinite:
+                        raise NonFiniteLossError(_nonfinite_message(out.loss, step, epoch, result, ckpt_root))
+                    result.skipped_nonfinite += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients and tcfg.clip_grad:
+                    accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_images += _batch_size(batch) * world
+            if not accelerator.sync_gradients:
+                continue
+
+            step += 1
+            position = (epoch, batch_index)  # where a checkpoint taken now resumes
+            scheduler.step_update(step + 1)
+            unwrapped.after_step(step / total_steps)
+            progress.update(1)
+
+            if step % tcfg.log_every_steps == 0 or step == total_steps:
+                loss = accelerator.reduce(out.loss.detach().float(), reduction="mean").item()
+                result.last_loss = loss
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step,
+                    "epoch": epoch + batch_index / batches_per_epoch,
+                    "loss": loss,
+                    "lr": max(group["lr"] for group in optimizer.param_groups),
+                    "images_per_sec": window_images / max(elapsed, 1e-9),
+                    **{k: _to_float(v) for k, v in out.metrics.items()},
+                }
+                if result.skipped_nonfinite:
+                    record["skipped_nonfinite"] = result.skipped_nonfinite
+                window_images, window_start = 0, time.perf_counter()
+                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_sec']:.0f}")
+                if is_main:
+                    _append_jsonl(metrics_file, record)
+                if tcfg.trackers:
+                    accelerator.log(record, step=step)
+
+            if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0:
+                _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
+                last_saved = step
+            if step >= total_steps:
+                break
+
+        skip = 0
+        if batch_index >= batches_per_epoch:
+            epoch += 1
+            if evaluate is not None and cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0 and step < total_steps:
+                result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
+                model.train()
+        elif step >= total_steps:
+            break
+    progress.close()
+
+    if step != last_saved:
+        _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
+    if evaluate is not None and cfg.eval.at_end:
+        result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
+    result.steps, result.epochs_completed = step, epoch
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints: accelerate.save_state into a temporary directory, renamed once complete
+
+
+def _checkpoint(accelerator, ckpt_root, step, position, result: FitResult, keep: int) -> Path:
+    epoch, batches_in_epoch = position
+    state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+             "last_loss": result.last_loss, "skipped_nonfinite": result.skipped_nonfinite}
+    return save_checkpoint(accelerator, ckpt_root, state, keep)
+
+
+def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write model/optimizer/RNG state atomically: a crash mid-write leaves only a `.tmp` directory."""
+    final = ckpt_root / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
+    tmp = ckpt_root / f".tmp_{final.name}"
+    if accelerator.is_main_process:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json_durably(tmp / STATE_FILE, state)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (those with a state file), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(ckpt_root)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"train.resume={resume!r}: no checkpoint there (a directory with {STATE_FILE}). "
+            f"Use train.resume=auto to continue from the run directory's last checkpoint."
+        )
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file) -> dict[str, Any]:
+    """Evaluation runs on the main process only (a kNN monitor is cheap); the others wait."""
+    record: dict[str, Any] = {"step": step, "epoch": epoch}
+    if accelerator.is_main_process:
+        record.update(evaluate(unwrapped))
+        accelerator.print(f"[selfsup] eval at step {step}: " + json.dumps(record))
+        _append_jsonl(metrics_file, record)
+    accelerator.wait_for_everyone()
+    return record
+
+
+def _all_finite(loss: torch.Tensor, accelerator: Accelerator) -> bool:
+    finite = torch.isfinite(loss.detach()).all().float()
+    if accelerator.num_processes > 1:  # every rank must take the same branch, or DDP hangs
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return bool(finite.item() == 1.0)
+
+
+def _nonfinite_message(loss, step, epoch, result: FitResult, ckpt_root: Path) -> str:
+    good = list_checkpoints(ckpt_root)
+    last = f"{result.last_loss:.6g}" if result.last_loss is not None else "none logged yet"
+    where = f"The last good checkpoint, {good[-1]}, is intact and train.resume=auto continues from it." if good else "No checkpoint was written yet."
+    return (
+        f"Loss is {loss.detach().float().item()} at step {step + 1} (epoch {epoch}); last finite logged loss: {last}. "
+        f"{where} Usual fixes: lower optim.lr or lengthen optim.warmup_epochs, train fp32 (train.precision=no), "
+        "clip gradients (train.clip_grad=1.0); or set train.skip_nonfinite=true to skip such steps and count them."
+    )
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (list, tuple)) else batch
+    while isinstance(first, (list, tuple)):
+        first = first[0]
+    return int(first.shape[0])
+
+
+def _to_float(value: Any) -> Any:
+    return value.detach().float().item() if isinstance(value, torch.Tensor) else value
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_json_durably(path: Path, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _flat_config(cfg: Config) -> dict[str, Any]:
+    from selfsup.config import to_dict
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            flat[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", to_dict(cfg))
+    return flat

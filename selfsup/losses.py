@@ -1,0 +1,182 @@
+"""Contrastive objectives shared by the methods, as pure tensor functions.
+
+`info_nce` is the one contrastive cross-entropy (van den Oord et al. 2018, Eq. 4; MoCo Eq. 1);
+`nt_xent` is SimCLR's 2N-view form of it (Chen et al. 2020, Eq. 1). They never gather across
+processes or own a queue: callers pass gathered keys (`selfsup.distributed.gather_with_grad`) or
+a negative bank explicitly, so the math stays testable on one CPU. No library offers these with
+explicit gathered-candidate indexing, so they are written by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["info_nce", "nt_xent"]
+
+
+def _check_matrix(name: str, x: Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a [rows, C] matrix, got shape {tuple(x.shape)}")
+
+
+def _check_index(name: str, index: Tensor, n: int, m: int) -> None:
+    """Shape/dtype always; values only on CPU, where checking costs no device sync."""
+    if index.shape != (n,):
+        raise ValueError(f"{name} must have shape [N]=({n},), got {tuple(index.shape)}")
+    if index.dtype != torch.long:
+        raise ValueError(f"{name} must be a torch.long tensor, got {index.dtype}")
+    if index.device.type == "cpu" and n > 0 and (index.min() < 0 or index.max() >= m):
+        raise ValueError(
+            f"{name} values must lie in [0, M={m}), got range [{int(index.min())}, {int(index.max())}]"
+        )
+
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    negatives: Tensor | None = None,
+    temperature: float = 0.1,
+    *,
+    positive_index: Tensor | None = None,
+    exclude_index: Tensor | None = None,
+    normalize: bool = True,
+) -> Tensor:
+    """Contrastive cross-entropy: each query must pick its positive out of its candidates.
+
+    Without `negatives`, `key` is `[M, C]` (e.g. keys gathered from every process) and every key
+    other than query i's positive `key[positive_index[i]]` (default `i`) is a negative;
+    `exclude_index[i]` removes one candidate from query i's softmax (its own copy in NT-Xent).
+    With `negatives` `[K, C]` (an explicit bank such as MoCo's queue), `key` is `[N, C]`, one
+    positive per query. Logits are computed in float32 (or float64) even under autocast, since
+    exp(s / tau) with small tau overflows half precision. Returns the mean over the N queries.
+    Index values are range-checked only for CPU tensors (a device tensor would force a sync).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_matrix("query", query)
+    _check_matrix("key", key)
+    n, c = query.shape
+    if key.shape[1] != c:
+        raise ValueError(
+            f"query and key must share the feature dim C: query {tuple(query.shape)}, key {tuple(key.shape)}"
+        )
+    if negatives is not None:
+        _check_matrix("negatives", negatives)
+        if negatives.shape[1] != c:
+            raise ValueError(
+                f"query and negatives must share the feature dim C: query {tuple(query.shape)}, "
+                f"negatives {tuple(negatives.shape)}"
+            )
+        if key.shape[0] != n:
+            raise ValueError(
+                f"with an explicit negative bank, key holds one positive per query: expected key "
+                f"[N={n}, C], got query {tuple(query.shape)}, key {tuple(key.shape)}"
+            )
+        if positive_index is not None or exclude_index is not None:
+            raise ValueError(
+                "positive_index / exclude_index apply only to in-batch negatives (negatives=None); "
+                "with an explicit bank the positive is key[i] and nothing is excluded"
+            )
+    else:
+        m = key.shape[0]
+        if positive_index is None and m < n:
+            raise ValueError(
+                f"key must have at least N rows when positive_index is not given (query i's positive "
+                f"is key[i]): query {tuple(query.shape)}, key {tuple(key.shape)}"
+            )
+        if positive_index is not None:
+            _check_index("positive_index", positive_index, n, m)
+        if exclude_index is not None:
+            _check_index("exclude_index", exclude_index, n, m)
+
+    # Similarities in >= float32 regardless of autocast (half-precision exp(s / tau) overflows).
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q, k = query.to(dtype), key.to(dtype)
+        neg = negatives.to(dtype) if negatives is not None else None
+        if normalize:  # cosine similarity: sim(u, v) = u.v / (|u| |v|)
+            q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+            neg = F.normalize(neg, dim=1) if neg is not None else None
+
+        if neg is not None:
+            # MoCo Eq. 1: the positive sits in column 0.
+            l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(1)  # q: [N, C], k: [N, C] -> l_pos: [N, 1]
+            l_neg = torch.einsum("nc,kc->nk", q, neg)  # q: [N, C], queue: [K, C] -> l_neg: [N, K]
+            logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # -> logits: [N, 1 + K]
+            target = torch.zeros(n, dtype=torch.long, device=query.device)  # [N]
+        else:
+            logits = torch.einsum("nc,mc->nm", q, k) / temperature  # q: [N, C], k: [M, C] -> logits: [N, M]
+            if positive_index is None:
+                target = torch.arange(n, device=query.device)  # [N]
+            else:
+                target = positive_index.to(query.device)  # [N]
+            if exclude_index is not None:
+                # Drop one candidate per row from the softmax: exp(-inf) = 0 in the denominator.
+                excluded = exclude_index.to(query.device).unsqueeze(1)  # [N] -> [N, 1]
+                logits = logits.scatter(1, excluded, float("-inf"))  # [N, M]
+        return F.cross_entropy(logits, target)
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float = 0.5,
+    *,
+    z1_all: Tensor | None = None,
+    z2_all: Tensor | None = None,
+    offset: int = 0,
+) -> Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, Eq. 1) over the 2N local anchors, averaged.
+
+    Each anchor's positive is its other view; every other view among the 2M candidates
+    `cat(z1_all, z2_all)` is a negative, its own copy excluded. Candidates default to the local
+    views (M = N). In a multi-process run pass the gathered views `[M = W*N, C]` and
+    `offset = rank * N`, the position of this process's samples inside them.
+    """
+    _check_matrix("z1", z1)
+    _check_matrix("z2", z2)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have the same shape [N, C]: z1 {tuple(z1.shape)}, z2 {tuple(z2.shape)}")
+    if (z1_all is None) != (z2_all is None):
+        raise ValueError("pass both z1_all and z2_all (the gathered views) or neither")
+    if z1_all is None:
+        z1_all, z2_all = z1, z2
+        if offset != 0:
+            raise ValueError(f"offset={offset} needs z1_all/z2_all; without them the candidates are the local views")
+    assert z2_all is not None  # for type checkers
+    _check_matrix("z1_all", z1_all)
+    _check_matrix("z2_all", z2_all)
+    if z1_all.shape != z2_all.shape:
+        raise ValueError(
+            f"z1_all and z2_all must have the same shape [M, C]: z1_all {tuple(z1_all.shape)}, "
+            f"z2_all {tuple(z2_all.shape)}"
+        )
+    n, c = z1.shape
+    m = z1_all.shape[0]
+    if z1_all.shape[1] != c:
+        raise ValueError(
+            f"local and gathered views must share the feature dim C: z1 {tuple(z1.shape)}, z1_all {tuple(z1_all.shape)}"
+        )
+    if offset < 0 or offset + n > m:
+        raise ValueError(
+            f"offset={offset} puts the N={n} local samples outside the M={m} gathered ones "
+            f"(need 0 <= offset and offset + N <= M): z1 {tuple(z1.shape)}, z1_all {tuple(z1_all.shape)}"
+        )
+
+    anchors = torch.cat([z1, z2], dim=0)  # z1, z2: [N, C] -> anchors: [2N, C]
+    candidates = torch.cat([z1_all, z2_all], dim=0)  # z1_all, z2_all: [M, C] -> candidates: [2M, C]
+    local = torch.arange(n, device=z1.device) + offset  # this process's rows in z*_all: [N]
+    # Anchor z1[i] -> positive z2_all[offset + i] (candidate M + offset + i), excludes z1_all[offset + i];
+    # anchor z2[i] -> positive z1_all[offset + i], excludes z2_all[offset + i] (candidate M + offset + i).
+    positive_index = torch.cat([local + m, local])  # [2N]
+    exclude_index = torch.cat([local, local + m])  # [2N]
+    return info_nce(
+        anchors,
+        candidates,
+        temperature=temperature,
+        positive_index=positive_index,
+        exclude_index=exclude_index,
+        normalize=True,
+    )

@@ -1,0 +1,50 @@
+"""The Method interface: one nn.Module per algorithm that owns its backbone, heads and state.
+
+The engine only calls `forward(batch) -> StepOutput`, `after_step(progress)` and exports
+`encoder`; everything else about a method stays inside its own file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # scalar to back-propagate
+    metrics: dict[str, Any] = field(default_factory=dict)  # logged as floats at log steps only
+
+
+@dataclass
+class MethodConfig:
+    name: str = ""
+
+
+class Method(nn.Module):
+    """Base class: subclasses set `views`, `Config`, and `self.encoder` (the exported backbone)."""
+
+    views: ClassVar[str] = "simclr"  # name of the augmentation preset the method trains on
+    Config: ClassVar[type] = MethodConfig
+    encoder: nn.Module
+
+    def forward(self, batch: Any) -> StepOutput:  # batch: (views: list[Tensor [B, C, H, W]], labels [B])
+        raise NotImplementedError
+
+    def after_step(self, progress: float) -> None:
+        """Called after every optimizer step with progress = step / total_steps in [0, 1]."""
+
+    def view_transform(self, transform: Callable) -> Callable:
+        """Lets a method add per-sample work to the data pipeline (e.g. SimMIM's mask); default: none."""
+        return transform
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay beyond biases and norms (timm's convention)."""
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            if module is not self and hasattr(module, "no_weight_decay"):
+                names |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
+        return names

@@ -1,0 +1,66 @@
+"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations").
+
+Algorithm 1 of the paper: two augmented views of each image -> encoder f -> projection g ->
+NT-Xent over the 2N views, where each view's positive is the other view of its image and the
+other 2N - 2 views are negatives. Across processes the views of every process are negatives too
+(gathered with gradients, so N processes x B equals one process x N*B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from selfsup import distributed
+from selfsup.heads import mlp
+from selfsup.losses import nt_xent
+from selfsup.methods.base import Method, StepOutput
+
+
+@dataclass
+class SimCLRConfig:
+    name: str = "simclr"
+    temperature: float = 0.2  # tau; the paper uses 0.1-0.5 depending on batch size
+    proj_hidden_dim: int = 2048
+    proj_out_dim: int = 128
+    proj_layers: int = 2
+    proj_batch_norm: bool = True  # BN in the projection MLP (SimCLR v2 / solo-learn); False: paper v1
+
+
+class SimCLR(Method):
+    views = "simclr"
+    Config = SimCLRConfig
+
+    def __init__(self, backbone: nn.Module, cfg: SimCLRConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = backbone  # f(.)
+        self.projector = mlp(  # g(.)
+            backbone.embed_dim,
+            cfg.proj_hidden_dim,
+            cfg.proj_out_dim,
+            cfg.proj_layers,
+            batch_norm=cfg.proj_batch_norm,
+        )
+
+    def forward(self, batch) -> StepOutput:
+        views, _ = batch
+        if len(views) < 2:
+            raise ValueError(f"SimCLR needs at least 2 views per image, got {len(views)}; set data.num_views >= 2.")
+        n = views[0].shape[0]
+        # all views through f and g in one pass: [V*N, C, H, W] -> z: [V*N, D]
+        z = self.projector(self.encoder(torch.cat(views)))
+        z = z.view(len(views), n, -1)  # [V, N, D]
+        # every (i, j) pair of views is a positive pair (the paper's 2 views; multi-crop averages)
+        losses = []
+        offset = distributed.rank() * n
+        gathered = [distributed.gather_with_grad(z[v]) for v in range(len(views))]  # V x [W*N, D]
+        for i in range(len(views)):
+            for j in range(i + 1, len(views)):
+                losses.append(
+                    nt_xent(z[i], z[j], self.cfg.temperature, z1_all=gathered[i], z2_all=gathered[j], offset=offset)
+                )
+        loss = torch.stack(losses).mean()
+        return StepOutput(loss, {})

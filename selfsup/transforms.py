@@ -1,0 +1,264 @@
+"""Augmentation views per method (papers' recipes) built from torchvision transforms v2.
+
+Written by hand: only the preset table, per-view (asymmetric) overrides and the channel
+conversion that lets one pipeline take PIL images of any mode or uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Callable, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["VIEW_PRESETS", "VIEW_OPTIONS", "MultiView", "EvalTransform", "build_views", "build_eval_transform"]
+
+# Keys whose value is a (min, max) pair; a per-view list of them is a list of pairs.
+_RANGE_KEYS = ("crop_scale", "crop_ratio", "blur_sigma")
+VIEW_OPTIONS = (
+    "crop_scale", "crop_ratio", "flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue",
+    "grayscale_p", "blur_p", "blur_sigma", "solarize_p", "solarize_threshold",
+)
+
+# Everything off except crop + flip; presets switch on what their paper uses.
+_BASE: dict[str, Any] = {
+    "num_views": 2,
+    "crop_scale": (0.08, 1.0),
+    "crop_ratio": (3 / 4, 4 / 3),
+    "flip_p": 0.5,
+    "jitter_p": 0.0,
+    "brightness": 0.4,
+    "contrast": 0.4,
+    "saturation": 0.4,
+    "hue": 0.1,
+    "grayscale_p": 0.0,
+    "blur_p": 0.0,
+    "blur_sigma": (0.1, 2.0),
+    "solarize_p": 0.0,
+    "solarize_threshold": 0.5,  # on images scaled to [0, 1]
+}
+
+# A tuple of scalars (or of pairs, for range keys) gives one entry per view (asymmetric recipes);
+# presets cycle it when num_views differs.
+VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType({
+    name: MappingProxyType({**_BASE, **values})
+    for name, values in {
+        # SimCLR (Chen et al. 2020, App. A): colour jitter s=0.5 -> (0.4, 0.4, 0.4, 0.1).
+        "simclr": {"jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
+        # MoCo v2 (Chen et al. 2020, "Improved baselines"): SimCLR's recipe with crops from 20%.
+        "moco_v2": {"crop_scale": (0.2, 1.0), "jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
+        # MoCo v3 (Chen et al. 2021) = BYOL's asymmetric views (Grill et al. 2020, Table 6).
+        "moco_v3": {
+            "jitter_p": 0.8, "saturation": 0.2, "grayscale_p": 0.2,
+            "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2),
+        },
+        # MAE (He et al. 2022): random resized crop + flip only.
+        "mae": {"num_views": 1, "crop_scale": (0.2, 1.0)},
+        # SimMIM (Xie et al. 2022): mild crops + flip.
+        "simmim": {"num_views": 1, "crop_scale": (0.67, 1.0)},
+    }.items()
+})
+
+
+class MultiView:
+    """Turns one image into `num_views` independently augmented tensors, the input of joint-embedding methods."""
+
+    def __init__(
+        self, views: Sequence[Callable[[torch.Tensor], torch.Tensor]], in_chans: int, params: list[dict]
+    ) -> None:
+        self.views = list(views)
+        self.in_chans = in_chans
+        self.params = params  # resolved options of each view, for logging
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> list[torch.Tensor]:
+        image = _to_channels(image, self.in_chans)  # shared: decode/convert once for all views
+        return [_plain(view(image)) for view in self.views]
+
+    def __repr__(self) -> str:
+        body = "\n".join(f"  view {i}: {view}" for i, view in enumerate(self.views))
+        return f"MultiView(in_chans={self.in_chans},\n{body})"
+
+
+def build_views(
+    preset: str,
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    in_chans: int = 3,
+    num_views: int | None = None,
+    **overrides: Any,
+) -> MultiView:
+    """Views for a method's augmentation recipe; `num_views=None` keeps the preset's count (2, or 1 for MAE/SimMIM).
+
+    Each override (see VIEW_OPTIONS) is one value for all views or a list with one value per view.
+    """
+    if preset not in VIEW_PRESETS:
+        raise ValueError(
+            f"unknown view preset {preset!r}{_did_you_mean(preset, VIEW_PRESETS)}; valid: {', '.join(VIEW_PRESETS)}"
+        )
+    for key in overrides:
+        if key not in VIEW_OPTIONS:
+            raise ValueError(
+                f"unknown view option {key!r}{_did_you_mean(key, VIEW_OPTIONS)}; valid: {', '.join(VIEW_OPTIONS)}"
+            )
+    settings = dict(VIEW_PRESETS[preset])
+    preset_views = settings.pop("num_views")
+    num_views = preset_views if num_views is None else num_views
+    if num_views < 1:
+        raise ValueError(f"num_views must be >= 1, got {num_views}")
+    mean, std = _stats(mean, std, in_chans)
+
+    per_view = {key: _per_view(key, value, num_views, cycle=True) for key, value in settings.items()}
+    per_view.update({key: _per_view(key, value, num_views, cycle=False) for key, value in overrides.items()})
+    params = [{key: values[i] for key, values in per_view.items()} for i in range(num_views)]
+    views = [_view_pipeline(p, image_size, mean, std) for p in params]
+    return MultiView(views, in_chans, params)
+
+
+class EvalTransform:
+    """Deterministic image -> normalized tensor; a class (not a lambda) so DataLoader workers can pickle it."""
+
+    def __init__(self, pipeline: v2.Compose, in_chans: int) -> None:
+        self.pipeline = pipeline
+        self.in_chans = in_chans
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        return _plain(self.pipeline(_to_channels(image, self.in_chans)))
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(in_chans={self.in_chans}, {self.pipeline})"
+
+
+def build_eval_transform(
+    *, image_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int = 3
+) -> EvalTransform:
+    """Deterministic resize + centre crop for evaluation (ImageNet's 8/7 resize only from 64 px up)."""
+    mean, std = _stats(mean, std, in_chans)
+    resize = round(image_size * 8 / 7) if image_size >= 64 else image_size
+    pipeline = v2.Compose([
+        v2.Resize(resize, antialias=True),  # shorter side
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+    return EvalTransform(pipeline, in_chans)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.4)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tuple[list[float], list[float]]:
+    """Broadcast 1-channel stats to in_chans (grayscale data fed to an RGB encoder)."""
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    for label, stats in (("mean", mean), ("std", std)):
+        if len(stats) not in (1, in_chans):
+            raise ValueError(f"{label} has {len(stats)} values but in_chans={in_chans}; give 1 or {in_chans} values")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    return mean * (in_chans // len(mean)), std * (in_chans // len(std))
+
+
+def _is_list(value: Any) -> bool:
+    """Lists, tuples and config containers such as OmegaConf's ListConfig."""
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _is_pair(value: Any) -> bool:
+    return _is_list(value) and len(value) == 2 and all(isinstance(v, numbers.Real) for v in value)
+
+
+def _per_view(key: str, value: Any, num_views: int, *, cycle: bool) -> list[Any]:
+    """One value per view: a single value is shared; a list gives each view its own."""
+    shared = _is_pair(value) if key in _RANGE_KEYS else not _is_list(value)
+    if shared:
+        values = [value] * num_views
+    else:
+        values = list(value)
+        if cycle and values:  # a preset's asymmetric pair repeats over extra views
+            values = [values[i % len(values)] for i in range(num_views)]
+        if len(values) != num_views:
+            what = "(min, max) pairs" if key in _RANGE_KEYS else "values"
+            raise ValueError(
+                f"view option {key}={value!r} lists {len(values)} {what} but there are {num_views} views; "
+                f"give one value for all views or exactly {num_views}"
+            )
+    for v in values:
+        if key in _RANGE_KEYS and not (_is_pair(v) and v[0] <= v[1]):
+            raise ValueError(f"view option {key} needs (min, max) with min <= max, got {v!r}")
+        if key.endswith("_p") and not 0.0 <= v <= 1.0:
+            raise ValueError(f"view option {key} is a probability in [0, 1], got {v!r}")
+    return [tuple(float(x) for x in v) if key in _RANGE_KEYS else v for v in values]
+
+
+def _blur_kernel_size(image_size: int) -> int:
+    """About 10% of the image side, odd, at least 3 (SimCLR App. A: 23 px at 224)."""
+    size = int(0.1 * image_size)
+    return max(3, size if size % 2 else size + 1)
+
+
+def _view_pipeline(p: dict[str, Any], image_size: int, mean: list[float], std: list[float]) -> v2.Compose:
+    """One view's chain; ops whose probability is 0 are left out."""
+    ops: list[Callable] = [
+        v2.RandomResizedCrop(image_size, scale=p["crop_scale"], ratio=p["crop_ratio"], antialias=True),
+    ]
+    if p["flip_p"] > 0:
+        ops.append(v2.RandomHorizontalFlip(p["flip_p"]))
+    ops.append(v2.ToDtype(torch.float32, scale=True))  # colour ops below work on [0, 1] floats
+    if p["jitter_p"] > 0:
+        jitter = v2.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])
+        ops.append(v2.RandomApply([jitter], p=p["jitter_p"]))
+    if p["grayscale_p"] > 0:
+        ops.append(v2.RandomGrayscale(p["grayscale_p"]))
+    if p["blur_p"] > 0:
+        blur = v2.GaussianBlur(_blur_kernel_size(image_size), sigma=p["blur_sigma"])
+        ops.append(v2.RandomApply([blur], p=p["blur_p"]))
+    if p["solarize_p"] > 0:
+        ops.append(v2.RandomSolarize(p["solarize_threshold"], p=p["solarize_p"]))
+    ops.append(v2.Normalize(mean, std))
+    return v2.Compose(ops)
+
+
+def _plain(image: torch.Tensor) -> torch.Tensor:
+    """Drop the tv_tensors.Image subclass so downstream code sees ordinary tensors."""
+    return image.as_subclass(torch.Tensor)
+
+
+def _to_channels(image: Image.Image | torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Image tensor [in_chans, H, W] from a PIL image of any mode or a [C, H, W] tensor."""
+    if isinstance(image, Image.Image):
+        if in_chans in (1, 3):
+            image = image.convert("L" if in_chans == 1 else "RGB")  # L->RGB replicates, RGBA drops alpha
+        elif len(image.getbands()) != in_chans:
+            raise ValueError(f"cannot turn a {image.mode} image into {in_chans} channels; check model.in_chans")
+        return F.to_image(image)
+    if not isinstance(image, torch.Tensor) or image.ndim != 3:
+        shape = tuple(getattr(image, "shape", ()))
+        raise TypeError(f"expected a PIL image or a [C, H, W] tensor, got {type(image).__name__} {shape}")
+    channels = image.shape[0]
+    if channels == 4 and in_chans != 4:
+        image, channels = image[:3], 3  # drop alpha
+    if channels == in_chans:
+        pass
+    elif channels == 1 and in_chans == 3:
+        image = image.expand(3, -1, -1)
+    elif channels == 3 and in_chans == 1:
+        image = F.rgb_to_grayscale(image)
+    else:
+        raise ValueError(f"cannot turn a {channels}-channel tensor into {in_chans} channels; check model.in_chans")
+    return F.to_image(image)

@@ -1,0 +1,77 @@
+import pytest
+import yaml
+
+from selfsup.config import ConfigError, OptimConfig, load_config, save_config, to_dict
+
+
+def write(tmp_path, data, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_and_sections(tmp_path):
+    cfg = load_config(write(tmp_path, {"method": {"name": "simclr", "temperature": 0.5}}))
+    assert cfg.method.name == "simclr" and cfg.method.temperature == 0.5
+    assert cfg.optim == OptimConfig()
+    assert cfg.source.endswith("run.yaml")
+
+
+def test_overrides_apply_with_types(tmp_path):
+    path = write(tmp_path, {"optim": {"lr": 0.1}, "train": {"epochs": 3}})
+    cfg = load_config(
+        path,
+        ["optim.lr=1e-3", "train.epochs=5", "train.clip_grad=1", "backbone.kwargs.img_size=28",
+         "data.views.blur_p=[1.0, 0.1]", "optim.betas=[0.9, 0.95]", "method.temperature=0.3", "data.subset=null"],
+    )
+    assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 5
+    assert cfg.train.clip_grad == 1.0 and isinstance(cfg.train.clip_grad, float)
+    assert cfg.backbone.kwargs == {"img_size": 28}
+    assert cfg.data.views["blur_p"] == [1.0, 0.1]
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.method.temperature == 0.3
+    assert cfg.data.subset is None
+
+
+@pytest.mark.parametrize(
+    "data, override, key, hint",
+    [
+        ({"optim": {"lrr": 0.1}}, None, "optim.lrr", "optim.lr"),
+        ({}, "train.epoch=3", "train.epoch", "train.epochs"),
+        ({"trian": {}}, None, "trian", "train"),
+        ({"method": {"name": "simclr", "temprature": 0.1}}, None, "method.temprature", "method.temperature"),
+    ],
+)
+def test_unknown_key_names_key_and_closest(tmp_path, data, override, key, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data), [override] if override else [])
+    assert f"'{key}'" in str(err.value) and f"Did you mean '{hint}'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.epochs=abc", "train.epochs"), ("optim.lr=fast", "optim.lr"), ("train.compile=3", "train.compile"),
+     ("optim.betas=[0.9]", "optim.betas"), ("data.batch_size=1.5", "data.batch_size")],
+)
+def test_wrong_type_names_key_and_expected_type(tmp_path, override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {}), [override])
+    assert key in str(err.value)
+
+
+def test_unknown_method_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ValueError, match="simclr"):
+        load_config(write(tmp_path, {"method": {"name": "simclrr"}}))
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(write(tmp_path, {}), ["optim.lr"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, {"method": {"name": "simclr"}}), ["optim.lr=0.5", "data.views.flip_p=0.0"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert again.optim.lr == 0.5 and again.data.views == {"flip_p": 0.0}

@@ -1,0 +1,66 @@
+import json
+import math
+
+import pytest
+import torch
+
+import pretrain
+from selfsup.builders import build_pretraining, run_dir_for
+from selfsup.config import from_dict
+from selfsup.engine import fit, list_checkpoints, make_accelerator, make_loader
+from selfsup.export import load_encoder, save_encoder
+from tests import crashing_method
+from tests.conftest import tiny_config_dict, write_config
+
+
+def read_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_simclr_trains_exports_and_reloads_bit_identically(tmp_path):
+    cfg = from_dict(tiny_config_dict(tmp_path, train={"max_steps": 12}))
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True)
+    accelerator = make_accelerator(cfg, run_dir)
+    torch.manual_seed(0)
+    method, train_set, info = build_pretraining(cfg)
+    result = fit(method, make_loader(train_set, cfg.data, seed=0), cfg, accelerator, run_dir=run_dir)
+    assert result.steps == 12
+
+    losses = list(read_losses(run_dir).values())
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses  # falling
+
+    save_encoder(method.encoder, tmp_path / "encoder", method="simclr", data={"image_size": 16})
+    loaded, meta = load_encoder(tmp_path / "encoder")
+    assert meta["backbone"]["name"] == "resnet18_small" and meta["method"] == "simclr"
+    x = torch.randn(5, 3, 16, 16)
+    method.encoder.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(method.encoder(x), loaded(x))
+
+
+def test_resume_after_kill_gives_the_same_loss_sequence(tmp_path):
+    method = {"name": "tests.crashing_method:CrashingSimCLR", "proj_hidden_dim": 64, "proj_out_dim": 32}
+    common = {"max_steps": 6, "checkpoint_every_steps": 3}
+
+    crashing_method.reset(None)
+    straight = tiny_config_dict(tmp_path, method=method, train={**common, "run_name": "straight"})
+    pretrain.main(["--config", str(write_config(tmp_path, straight, "straight.yaml"))])
+    expected = read_losses(tmp_path / "runs" / "straight")
+
+    killed = tiny_config_dict(tmp_path, method=method, train={**common, "run_name": "killed"})
+    config_file = write_config(tmp_path, killed, "killed.yaml")
+    crashing_method.reset(crash_at=5)  # dies in step 5, after the step-3 checkpoint
+    with pytest.raises(crashing_method.SimulatedKill):
+        pretrain.main(["--config", str(config_file)])
+    run_dir = tmp_path / "runs" / "killed"
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000003"]
+
+    crashing_method.reset(None)
+    pretrain.main(["--config", str(config_file)])  # same command: train.resume=auto
+    resumed = read_losses(run_dir)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert resumed[step] == expected[step], (step, resumed[step], expected[step])
