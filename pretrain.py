@@ -14,9 +14,10 @@ from accelerate.utils import set_seed
 
 from selfsup.builders import build_backbone, build_labelled_pair, build_pretraining, in_chans, run_dir_for
 from selfsup.config import ConfigError, load_config, save_config
-from selfsup.engine import fit, make_accelerator, make_loader
+from selfsup.data import BrokenImageError
+from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
 from selfsup.evaluation import KNNMonitor
-from selfsup.export import save_encoder
+from selfsup.export import EncoderLoadError, save_encoder
 from selfsup.plots import plot_metrics
 
 
@@ -50,7 +51,11 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.wait_for_everyone()
     accelerator.print(f"[selfsup] run directory {run_dir}; world size {accelerator.num_processes}")
 
-    result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=monitor)
+    try:
+        result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=monitor)
+    except (TrainingInterrupted, NonFiniteLossError):
+        accelerator.end_training()
+        raise
 
     summary = {"run_dir": str(run_dir), "steps": result.steps, "last_loss": result.last_loss}
     if result.eval_history:
@@ -93,5 +98,15 @@ def build_monitor(cfg, device) -> KNNMonitor | None:
                       bf16=cfg.train.precision == "bf16" or None)
 
 
+def cli() -> int:
+    """Command-line entry: known failures print their one-paragraph message instead of a traceback."""
+    try:
+        main()
+    except (TrainingInterrupted, NonFiniteLossError, EncoderLoadError, BrokenImageError, FileNotFoundError, ValueError) as e:
+        print(f"[selfsup] stopped: {e}", file=sys.stderr)
+        return 143 if isinstance(e, TrainingInterrupted) else 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

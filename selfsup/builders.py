@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -25,7 +26,39 @@ def in_chans(cfg: Config) -> int:
 
 
 def build_backbone(cfg: Config) -> nn.Module:
-    return create_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
+    backbone = create_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
+    check_input_size(backbone, cfg.data.image_size, in_chans(cfg))
+    return backbone
+
+
+def check_input_size(backbone: nn.Module, image_size: int, channels: int) -> None:
+    """One forward on a blank image before any work, so a size the backbone can't take fails with the fix."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            out = backbone(torch.zeros(1, channels, image_size, image_size))
+    except Exception as e:  # timm raises AssertionError / RuntimeError with internal detail
+        expected = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+        fix = (
+            f"it was built for {tuple(expected)} px: set backbone.kwargs.img_size={image_size} "
+            f"(patch size {getattr(backbone, 'patch_size', '?')} must divide it) or data.image_size={expected[0]}"
+            if expected is not None
+            else "choose a data.image_size the backbone can reduce (e.g. >= 32 px for stride-32 ResNets; "
+            "the *_small variants take 28-64 px)"
+        )
+        raise ValueError(
+            f"Backbone {getattr(backbone, 'backbone_name', type(backbone).__name__)!r} cannot take "
+            f"{channels}x{image_size}x{image_size} images (data.image_size={image_size}, in_chans={channels}): {fix}. "
+            f"Original error: {e}"
+        ) from e
+    finally:
+        backbone.train(was_training)
+    if out.ndim != 2 or out.shape[1] != backbone.embed_dim:
+        raise ValueError(
+            f"Backbone {backbone.backbone_name!r} returned features of shape {tuple(out.shape)}, expected [N, "
+            f"{backbone.embed_dim}]; pass timm kwargs that keep global pooling (do not set global_pool='')."
+        )
 
 
 def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:

@@ -147,7 +147,31 @@ def build_method_config(raw: dict[str, Any]) -> Any:
 
     name = raw.get("name", "simclr")
     method_cls = get_method_class(name)
-    return _build(method_cls.Config, {**raw, "name": name}, "method")
+    try:
+        return _build(method_cls.Config, {**raw, "name": name}, "method")
+    except ConfigError as e:
+        owners = _methods_with_keys(set(raw) - {f.name for f in dataclasses.fields(method_cls.Config)})
+        if owners:
+            raise ConfigError(f"{e} This looks like a config for method {' / '.join(owners)}, not {name!r}: "
+                              f"set method.name accordingly or remove those keys.") from e
+        raise
+
+
+def _methods_with_keys(keys: set[str]) -> list[str]:
+    """Built-in methods whose config has all of `keys` (to recognise a config written for another method)."""
+    from selfsup.methods import BUILTIN_METHODS, get_method_class
+
+    if not keys:
+        return []
+    owners = []
+    for other in BUILTIN_METHODS:
+        try:
+            fields = {f.name for f in dataclasses.fields(get_method_class(other).Config)}
+        except (ValueError, ImportError):
+            continue
+        if keys <= fields:
+            owners.append(other)
+    return owners
 
 
 def to_dict(obj: Any) -> Any:

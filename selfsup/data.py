@@ -12,9 +12,11 @@ import colorsys
 import difflib
 import gzip
 import math
+import multiprocessing
 import operator
 import os
 import struct
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -144,11 +146,22 @@ def _fixed_subset(dataset: Dataset, size: int, seed: int) -> Subset:
 # ---------------------------------------------------------------------------------------------
 
 
+class BrokenImageError(OSError):
+    """An image file that cannot be decoded (truncated, corrupt, not an image)."""
+
+    def __init__(self, path: str | os.PathLike, cause: BaseException) -> None:
+        super().__init__(f"cannot read image {path}: {cause}")
+        self.path = str(path)
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode one image file as is (mode untouched); the single place to add broken-image handling."""
-    with Image.open(path) as image:
-        image.load()  # decode now so the file handle can close
-        return image
+    """Decode one image file as is (mode untouched); any decoding failure becomes BrokenImageError."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now: truncated files fail here, not later inside a transform
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BrokenImageError(path, e) from e
 
 
 def _is_image(name: str) -> bool:
@@ -189,6 +202,7 @@ class ImageFolderDataset(Dataset):
                 "point data.root at a folder of images (optionally one sub-folder per class)"
             )
         self.root = directory
+        self._check_one_readable()
         self.num_classes = len(self.classes) if self.classes else None
 
     def __len__(self) -> int:
@@ -197,6 +211,18 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         path, label = self.samples[index]
         return load_image(path), label
+
+    def _check_one_readable(self) -> None:
+        """Fail at start, naming the folder, when not a single file decodes (usually the first one does)."""
+        for path, _ in self.samples:
+            try:
+                load_image(path)
+                return
+            except BrokenImageError:
+                continue
+        raise BrokenImageError(
+            self.root, RuntimeError(f"none of its {len(self.samples)} image files can be decoded; check data.root")
+        )
 
 
 def _image_folder(root: str | os.PathLike | None, split: str) -> ImageFolderDataset:
@@ -446,16 +472,41 @@ class ViewDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.num_classes = getattr(base, "num_classes", None)
+        # unreadable files skipped so far, shared with forked DataLoader workers (read by the engine)
+        self._broken = multiprocessing.get_context("fork").Value("q", 0)
+        self._warned: set[str] = set()
+
+    @property
+    def broken_images(self) -> int:
+        return int(self._broken.value) if self._broken is not None else 0
+
+    def __getstate__(self) -> dict[str, Any]:  # spawn-started workers keep a local count only
+        return {**self.__dict__, "_broken": None}
 
     def __len__(self) -> int:
         return len(self.base)
+
+    def _load(self, index: int) -> tuple[Any, int]:
+        """base[index], or, if that file is broken, the next readable item (one warning per file)."""
+        n = len(self.base)
+        for attempt in range(n):
+            try:
+                return self.base[(index + attempt) % n]
+            except BrokenImageError as e:
+                if self._broken is not None:
+                    with self._broken.get_lock():
+                        self._broken.value += 1
+                if e.path not in self._warned:
+                    self._warned.add(e.path)
+                    warnings.warn(f"skipping unreadable image ({e}); the run goes on with the next image", stacklevel=2)
+        raise BrokenImageError(getattr(self.base, "root", "the dataset"), RuntimeError("no readable image left"))
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[Any, int]:
         if isinstance(key, (tuple, list)):
             epoch, index = (operator.index(k) for k in key)
         else:
             epoch, index = 0, operator.index(key)
-        image, label = self.base[index]
+        image, label = self._load(index)
         # fork_rng restores the global CPU generator afterwards, so the caller's stream is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix_seed(self.seed, epoch, index))

@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,14 @@ STATE_FILE = "trainer_state.json"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; the message carries the step, the last finite loss and the fixes."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGTERM/SIGINT arrived; a checkpoint of the last completed step was written first."""
+
+    def __init__(self, signal_name: str, checkpoint: Path):
+        super().__init__(f"{signal_name} received: saved {checkpoint}; the same command with train.resume=auto continues.")
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -109,6 +119,7 @@ def fit(
     ckpt_root = run_dir / "checkpoints"
     is_main = accelerator.is_main_process
     sampler = loader.sampler if isinstance(loader.sampler, EpochSampler) else None
+    dataset = loader.dataset
 
     # --- effective batch and learning rate (printed: the first thing to check in any run) -----
     world = accelerator.num_processes
@@ -163,74 +174,86 @@ def fit(
 
     position = (epoch, skip)
     model.train()
+    signals = _SignalFlag().install()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     window_images, window_start = 0, time.perf_counter()
-    while step < total_steps and (tcfg.max_steps or epoch < tcfg.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        batch_index = skip
-        for batch in batches:
-            batch_index += 1
-            with accelerator.accumulate(model):
-                out = model(batch)
-                if not _all_finite(out.loss, accelerator):
-                    if not tcfg.skip_nonfinite:
-                        raise NonFiniteLossError(_nonfinite_message(out.loss, step, epoch, result, ckpt_root))
-                    result.skipped_nonfinite += 1
+    try:
+        while step < total_steps and (tcfg.max_steps or epoch < tcfg.epochs):
+            # Accelerate's loaders re-apply their own epoch counter to the sampler at every iter();
+            # set theirs too, so a resumed run (and its skip-loader) sees this epoch's order.
+            loader.set_epoch(epoch)
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            batch_index = skip
+            for batch in batches:
+                batch_index += 1
+                with accelerator.accumulate(model):
+                    out = model(batch)
+                    if not _all_finite(out.loss, accelerator):
+                        if not tcfg.skip_nonfinite:
+                            raise NonFiniteLossError(_nonfinite_message(out.loss, step, epoch, result, ckpt_root))
+                        result.skipped_nonfinite += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and tcfg.clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
+                    optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                window_images += _batch_size(batch) * world
+                if not accelerator.sync_gradients:
                     continue
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients and tcfg.clip_grad:
-                    accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_images += _batch_size(batch) * world
-            if not accelerator.sync_gradients:
-                continue
 
-            step += 1
-            position = (epoch, batch_index)  # where a checkpoint taken now resumes
-            scheduler.step_update(step + 1)
-            unwrapped.after_step(step / total_steps)
-            progress.update(1)
+                step += 1
+                position = (epoch, batch_index)  # where a checkpoint taken now resumes
+                scheduler.step_update(step + 1)
+                unwrapped.after_step(step / total_steps)
+                progress.update(1)
 
-            if step % tcfg.log_every_steps == 0 or step == total_steps:
-                loss = accelerator.reduce(out.loss.detach().float(), reduction="mean").item()
-                result.last_loss = loss
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "epoch": epoch + batch_index / batches_per_epoch,
-                    "loss": loss,
-                    "lr": max(group["lr"] for group in optimizer.param_groups),
-                    "images_per_sec": window_images / max(elapsed, 1e-9),
-                    **{k: _to_float(v) for k, v in out.metrics.items()},
-                }
-                if result.skipped_nonfinite:
-                    record["skipped_nonfinite"] = result.skipped_nonfinite
-                window_images, window_start = 0, time.perf_counter()
-                progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_sec']:.0f}")
-                if is_main:
-                    _append_jsonl(metrics_file, record)
-                if tcfg.trackers:
-                    accelerator.log(record, step=step)
+                if step % tcfg.log_every_steps == 0 or step == total_steps:
+                    loss = accelerator.reduce(out.loss.detach().float(), reduction="mean").item()
+                    result.last_loss = loss
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": step,
+                        "epoch": epoch + batch_index / batches_per_epoch,
+                        "loss": loss,
+                        "lr": max(group["lr"] for group in optimizer.param_groups),
+                        "images_per_sec": window_images / max(elapsed, 1e-9),
+                        **{k: _to_float(v) for k, v in out.metrics.items()},
+                    }
+                    if result.skipped_nonfinite:
+                        record["skipped_nonfinite"] = result.skipped_nonfinite
+                    if getattr(dataset, "broken_images", 0):
+                        record["broken_images"] = dataset.broken_images
+                    window_images, window_start = 0, time.perf_counter()
+                    progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_sec']:.0f}")
+                    if is_main:
+                        _append_jsonl(metrics_file, record)
+                    if tcfg.trackers:
+                        accelerator.log(record, step=step)
 
-            if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0:
-                _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
-                last_saved = step
-            if step >= total_steps:
+                if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0:
+                    _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
+                    last_saved = step
+                if _any_process(signals.received is not None, accelerator):
+                    saved = _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
+                    raise TrainingInterrupted(signals.received or "a signal on another process", saved)
+                if step >= total_steps:
+                    break
+
+            skip = 0
+            if batch_index >= batches_per_epoch:
+                epoch += 1
+                if evaluate is not None and cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0 and step < total_steps:
+                    result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
+                    model.train()
+            elif step >= total_steps:
                 break
-
-        skip = 0
-        if batch_index >= batches_per_epoch:
-            epoch += 1
-            if evaluate is not None and cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0 and step < total_steps:
-                result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
-                model.train()
-        elif step >= total_steps:
-            break
-    progress.close()
+    finally:
+        progress.close()
+        signals.restore()
 
     if step != last_saved:
         _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
@@ -311,10 +334,43 @@ def _run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file)
 
 
 def _all_finite(loss: torch.Tensor, accelerator: Accelerator) -> bool:
-    finite = torch.isfinite(loss.detach()).all().float()
-    if accelerator.num_processes > 1:  # every rank must take the same branch, or DDP hangs
-        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
-    return bool(finite.item() == 1.0)
+    """Loss finite on every rank (every rank must take the same branch, or DDP hangs); one host sync."""
+    bad = (~torch.isfinite(loss.detach())).any().float()
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
+
+
+def _any_process(flag: bool, accelerator: Accelerator) -> bool:
+    """A stop request seen on any rank stops all of them at the same step."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item() > 0
+
+
+class _SignalFlag:
+    """SIGTERM/SIGINT set a flag the loop checks each step (checkpoint, then exit); a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> "_SignalFlag":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"[selfsup] {self.received}: writing a checkpoint after this step, then stopping", flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
 
 def _nonfinite_message(loss, step, epoch, result: FitResult, ckpt_root: Path) -> str:

@@ -1,0 +1,245 @@
+"""Faults injected on purpose: killed runs, signals, half-written checkpoints, broken images, NaN losses,
+wrong inputs and crafted pickles. Each asserts the recovery or the message."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import pretrain
+from selfsup.config import ConfigError, from_dict
+from selfsup.engine import NonFiniteLossError, list_checkpoints
+from selfsup.export import EncoderLoadError, load_encoder, save_encoder
+from selfsup.backbones import create_backbone
+from tests import fault_methods
+from tests.conftest import ROOT, tiny_config_dict, write_config
+
+SLOW = {"name": "tests.fault_methods:SlowSimCLR", "proj_hidden_dim": 64, "proj_out_dim": 32}
+
+
+def run_cli(config: Path, *overrides: str, sleep: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "SELFSUP_TEST_STEP_SLEEP": str(sleep), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "pretrain.py"), "--config", str(config), *overrides],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return []
+    return [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before step {step}:\n{proc.stdout.read()}")
+        if any(s >= step for s in logged_steps(run_dir)):
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"step {step} not reached in {timeout} s")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "encoder" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted reference: 14 steps (2 epochs of 8), checkpoints every 2."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = tiny_config_dict(tmp, method=SLOW, train={"max_steps": 14, "checkpoint_every_steps": 2, "run_name": "run"})
+    proc = run_cli(write_config(tmp, cfg))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    return tmp, final_weights(tmp / "runs" / "run")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, straight_run):
+    cfg = tiny_config_dict(tmp_path, method=SLOW, train={"max_steps": 14, "checkpoint_every_steps": 2, "run_name": "run"})
+    config = write_config(tmp_path, cfg)
+    run_dir = tmp_path / "runs" / "run"
+    proc = run_cli(config, sleep=0.3)
+    wait_for_step(proc, run_dir, 11)  # in the second epoch (8 steps each)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = [int(p.name.split("_")[1]) for p in list_checkpoints(run_dir / "checkpoints")]
+    assert done and 10 <= max(done) < 14 and not (run_dir / "encoder").exists()
+
+    proc = run_cli(config)  # the same command again: train.resume=auto
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"resumed from" in out
+    assert_same_weights(final_weights(run_dir), straight_run[1])
+
+
+def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(tmp_path, straight_run):
+    cfg = tiny_config_dict(tmp_path, method=SLOW, train={"max_steps": 14, "checkpoint_every_steps": 100, "run_name": "run"})
+    config = write_config(tmp_path, cfg)
+    run_dir = tmp_path / "runs" / "run"
+    proc = run_cli(config, sleep=0.3)
+    wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out
+    saved = list_checkpoints(run_dir / "checkpoints")
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("_")[1]) < 14, out  # not a periodic one: every 100
+
+    proc = run_cli(config)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert_same_weights(final_weights(run_dir), straight_run[1])
+
+
+def test_half_written_checkpoints_are_never_resumed_from(tmp_path):
+    cfg = tiny_config_dict(tmp_path, train={"max_steps": 4, "checkpoint_every_steps": 2, "keep_checkpoints": 1})
+    config = write_config(tmp_path, cfg)
+    pretrain.main(["--config", str(config)])
+    ckpts = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000004"]  # keep_checkpoints=1 pruned step 2
+    # a crash mid-write leaves a .tmp directory, or a step directory without its state file
+    (ckpts / ".tmp_step_00000006").mkdir()
+    (ckpts / ".tmp_step_00000006" / "model.safetensors").write_bytes(b"\0" * 10)
+    (ckpts / "step_00000008").mkdir()
+    (ckpts / "step_00000008" / "model.safetensors").write_bytes(b"garbage")
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000004"]
+    summary = pretrain.main(["--config", str(config), "train.max_steps=6"])
+    assert summary["steps"] == 6
+
+
+def test_broken_images_are_skipped_counted_and_warned_once(tmp_path):
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(20):
+            colour = (40 * i % 255, 100 if cls == "a" else 200, 30)
+            Image.new("RGB", (20, 20), colour).save(root / cls / f"{i}.png")
+    good = (root / "a" / "0.png").read_bytes()
+    (root / "a" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "b" / "not_an_image.jpg").write_text("hello")
+    cfg = tiny_config_dict(tmp_path, data={"dataset": "image_folder", "root": str(root), "batch_size": 14},
+                           train={"max_steps": 6})
+    with pytest.warns(UserWarning, match="skipping unreadable image") as record:
+        pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    warned = [str(w.message) for w in record if "skipping unreadable" in str(w.message)]
+    assert len(warned) == 2 and any("truncated.png" in m for m in warned) and any("not_an_image.jpg" in m for m in warned)
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["broken_images"] >= 2  # each of the 2 files is met once per epoch (6 steps = 2 epochs)
+    assert (tmp_path / "runs" / "tiny" / "encoder" / "model.safetensors").is_file()
+
+
+def test_a_folder_with_no_readable_image_stops_naming_the_path(tmp_path):
+    root = tmp_path / "broken"
+    root.mkdir()
+    for i in range(3):
+        (root / f"{i}.png").write_bytes(b"\x89PNG not really")
+    cfg = tiny_config_dict(tmp_path, data={"dataset": "image_folder", "root": str(root)})
+    with pytest.raises(OSError, match=str(root)):
+        pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+
+
+def test_nan_loss_stops_with_step_last_loss_and_fixes_keeping_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSUP_TEST_NAN_CALLS", "5")
+    fault_methods.NaNSimCLR.calls = 0
+    method = {"name": "tests.fault_methods:NaNSimCLR", "proj_hidden_dim": 64, "proj_out_dim": 32}
+    cfg = tiny_config_dict(tmp_path, method=method, train={"max_steps": 8, "checkpoint_every_steps": 2})
+    with pytest.raises(NonFiniteLossError) as err:
+        pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    message = str(err.value)
+    assert "step 5" in message and "last finite logged loss: " in message
+    assert "optim.lr" in message and "train.precision=no" in message and "train.clip_grad" in message
+    assert "step_00000004" in message
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000002", "step_00000004"]
+    encoder, _ = load_encoder(run_dir)  # the last good checkpoint loads
+    weights = load_file(str(run_dir / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+    assert torch.equal(encoder.state_dict()["conv1.weight"], weights["encoder.conv1.weight"])
+
+
+def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSUP_TEST_NAN_CALLS", "3,4")
+    fault_methods.NaNSimCLR.calls = 0
+    method = {"name": "tests.fault_methods:NaNSimCLR", "proj_hidden_dim": 64, "proj_out_dim": 32}
+    cfg = tiny_config_dict(tmp_path, method=method, train={"max_steps": 6, "skip_nonfinite": True})
+    summary = pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    assert summary["steps"] == 6 and summary["last_loss"] == summary["last_loss"]  # finite
+    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_nonfinite"] == 2
+
+
+def test_wrong_encoder_inputs_get_clear_errors(tmp_path):
+    with pytest.raises(EncoderLoadError, match="does not exist"):
+        load_encoder(tmp_path / "nope")
+    (tmp_path / "file.safetensors").write_bytes(b"x")
+    with pytest.raises(EncoderLoadError, match="is a file"):
+        load_encoder(tmp_path / "file.safetensors")
+    with pytest.raises(EncoderLoadError, match="holds no encoder"):
+        load_encoder(tmp_path)
+    small = create_backbone("resnet18_small", channels=[8, 16, 32, 64], stem_width=8)
+    save_encoder(small, tmp_path / "enc")
+    (tmp_path / "enc" / "model.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(EncoderLoadError, match="not a readable safetensors"):
+        load_encoder(tmp_path / "enc")
+    # weights of one architecture beside the description of another
+    save_encoder(small, tmp_path / "mismatch")
+    other = create_backbone("resnet18_small", channels=[16, 32, 64, 128], stem_width=16)
+    save_encoder(other, tmp_path / "other")
+    (tmp_path / "mismatch" / "config.json").write_text((tmp_path / "other" / "config.json").read_text())
+    with pytest.raises(EncoderLoadError, match="do not fit the backbone.*shape mismatch.*re-export"):
+        load_encoder(tmp_path / "mismatch")
+
+
+def test_image_size_the_backbone_cannot_take_fails_before_training(tmp_path):
+    cfg = tiny_config_dict(tmp_path, data={"image_size": 28},
+                           backbone={"name": "vit_tiny_patch4", "kwargs": {"depth": 1, "embed_dim": 48, "num_heads": 2}})
+    with pytest.raises(ValueError, match=r"cannot take 3x28x28 images.*backbone.kwargs.img_size=28"):
+        pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    assert not (tmp_path / "runs" / "tiny").exists()  # nothing started
+
+
+def test_crafted_pickle_in_a_checkpoint_is_refused(tmp_path):
+    cfg = tiny_config_dict(tmp_path, train={"max_steps": 2, "checkpoint_every_steps": 2})
+    config = write_config(tmp_path, cfg)
+    pretrain.main(["--config", str(config)])
+    ckpt = list_checkpoints(tmp_path / "runs" / "tiny" / "checkpoints")[-1]
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (ckpt / "optimizer.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(pickle.UnpicklingError):
+        pretrain.main(["--config", str(config), "train.max_steps=4"])
+    assert not marker.exists()
+
+
+def test_no_unsafe_torch_load_in_the_code():
+    offenders = []
+    for path in [*ROOT.joinpath("selfsup").rglob("*.py"), *ROOT.joinpath("tools").glob("*.py"), ROOT / "pretrain.py"]:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path}:{number}")
+    assert not offenders, offenders
