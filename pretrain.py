@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         plot_metrics(run_dir / "metrics.jsonl", run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
+    accelerator.wait_for_everyone()  # all ranks leave together: gloo's teardown aborts otherwise, now and then
     accelerator.end_training()
     return summary
 
