@@ -508,7 +508,17 @@ class ViewDataset(Dataset):
             epoch, index = 0, operator.index(key)
         image, label = self._load(index)
         # fork_rng restores the global CPU generator afterwards, so the caller's stream is untouched.
+        # Per-image ops on small tensors run ~5-10x slower with several intra-op threads; DataLoader
+        # workers already use one, the main process (num_workers=0) is switched to one here.
+        threads = torch.get_num_threads()
+        single = threads > 1 and torch.utils.data.get_worker_info() is None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_mix_seed(self.seed, epoch, index))
-            views = self.transform(image)
+            if single:
+                torch.set_num_threads(1)
+            try:
+                views = self.transform(image)
+            finally:
+                if single:
+                    torch.set_num_threads(threads)
         return views, label

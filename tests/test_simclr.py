@@ -64,3 +64,17 @@ def test_resume_after_kill_gives_the_same_loss_sequence(tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert resumed[step] == expected[step], (step, resumed[step], expected[step])
+
+
+def test_tools_export_from_checkpoint_matches_final_encoder(tmp_path):
+    from tools import export as export_tool
+
+    cfg = tiny_config_dict(tmp_path, train={"max_steps": 2, "checkpoint_every_steps": 2})
+    pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    run_dir = tmp_path / "runs" / "tiny"
+    out = export_tool.main(["--source", str(run_dir / "checkpoints" / "step_00000002"), "--out", str(tmp_path / "exp")])
+    from_ckpt, _ = load_encoder(out)
+    final, meta = load_encoder(run_dir / "encoder")
+    assert meta["data"]["image_size"] == 16
+    for key, value in final.state_dict().items():
+        assert torch.equal(value, from_ckpt.state_dict()[key]), key
