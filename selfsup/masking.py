@@ -215,6 +215,12 @@ def check_vit(encoder: nn.Module, method: str) -> VisionTransformer:
         )
     if encoder.dynamic_img_size:
         raise ValueError(f"{method} works on a fixed token grid; drop backbone.kwargs.dynamic_img_size")
+    if not isinstance(encoder.fc_norm, nn.Identity) or encoder.attn_pool is not None:
+        # they act on pooled features only, so the masked objective never trains them (and DDP stops on unused ones)
+        raise ValueError(
+            f"{method} trains the ViT's token path; this one pools with fc_norm/attn_pool after it "
+            "(global_pool='avg'/'map'). Add fc_norm: false to backbone.kwargs (norm before pooling) or use global_pool: token"
+        )
     vit_patch_grid(encoder)  # raises on non-square patches
     return encoder
 

@@ -13,10 +13,10 @@ from torch.testing import assert_close
 
 import pretrain
 from selfsup.backbones import create_backbone
+from selfsup.config import OptimConfig
 from selfsup.masking import patchify, sincos_pos_embed
 from selfsup.methods.mae import MAE, MAEConfig, decoder_defaults
 from selfsup.optim import build_optimizer
-from selfsup.config import OptimConfig
 from tests.conftest import tiny_config_dict, write_config
 
 TINY_VIT = {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -97,6 +97,10 @@ def test_decoder_defaults_are_the_papers_for_vit_base_and_scaled_for_small_encod
 def test_non_vit_backbones_are_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="needs a timm VisionTransformer"):
         MAE(create_backbone("resnet18_small", channels=[8, 8, 8, 8], stem_width=8), MAEConfig())
+    with pytest.raises(ValueError, match="fc_norm: false"):  # pooled-only norm: never trained by the objective
+        MAE(create_backbone("vit_tiny_patch4", **TINY_VIT, global_pool="avg"), MAEConfig())
+    model = MAE(create_backbone("vit_tiny_patch4", **TINY_VIT, global_pool="avg", fc_norm=False), MAEConfig())
+    assert model(([torch.randn(2, 3, 16, 16)], None)).loss.isfinite()
 
 
 def test_mae_trains_writes_reconstructions_and_exports_timm_loadable_weights(tmp_path):
