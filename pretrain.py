@@ -14,11 +14,13 @@ from accelerate.utils import set_seed
 
 from selfsup.builders import build_backbone, build_labelled_pair, build_pretraining, in_chans, run_dir_for
 from selfsup.config import ConfigError, load_config, save_config
-from selfsup.data import BrokenImageError
+from selfsup.data import BrokenImageError, ViewDataset
 from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
 from selfsup.evaluation import KNNMonitor
 from selfsup.export import EncoderLoadError, save_encoder
-from selfsup.plots import plot_metrics
+from selfsup.methods import Method
+from selfsup.plots import ReconstructionGrid, plot_metrics
+from selfsup.transforms import build_eval_transform
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,9 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     # build everything before any work, so a bad dataset path or backbone name fails fast
     method, train_set, info = build_pretraining(cfg)
     loader = make_loader(train_set, cfg.data, seed=cfg.train.seed)
-    monitor = None
+    monitor = evaluate = None
     if cfg.eval.every_epochs or cfg.eval.at_end:
         monitor = build_monitor(cfg, accelerator.device)
+        evaluate = with_reconstructions(monitor, method, cfg, train_set, info, run_dir)
 
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"[selfsup] run directory {run_dir}; world size {accelerator.num_processes}")
 
     try:
-        result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=monitor)
+        result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=evaluate)
     except (TrainingInterrupted, NonFiniteLossError):
         accelerator.end_training()
         raise
@@ -97,6 +100,27 @@ def build_monitor(cfg, device) -> KNNMonitor | None:
     return KNNMonitor(train_set, test_set, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                       batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
                       bf16=cfg.train.precision == "bf16" or None)
+
+
+def with_reconstructions(monitor, method, cfg, train_set, info, run_dir):
+    """The kNN monitor plus, for methods that reconstruct images (MAE, SimMIM), a PNG grid of fixed
+    images at every evaluation: the monitor's test images, or the training images without augmentation."""
+    if type(method).reconstruct is Method.reconstruct:
+        return monitor
+    if monitor is not None:
+        source = monitor.loaders[1].dataset
+    else:
+        transform = build_eval_transform(image_size=cfg.data.image_size, mean=info.mean, std=info.std,
+                                         in_chans=in_chans(cfg))
+        source = ViewDataset(train_set.base, transform, seed=cfg.train.seed)
+    grid = ReconstructionGrid.from_dataset(source, run_dir, info.mean, info.std)
+
+    def evaluate(model):
+        metrics = monitor(model) if monitor is not None else {}
+        grid(model)
+        return metrics
+
+    return evaluate
 
 
 def cli() -> int:

@@ -10,6 +10,8 @@ from selfsup.methods.base import Method, StepOutput
 # name -> "module:Class"; imported on first use so a method's dependencies load only when chosen.
 BUILTIN_METHODS = {
     "simclr": "selfsup.methods.simclr:SimCLR",
+    "mae": "selfsup.methods.mae:MAE",
+    "simmim": "selfsup.methods.simmim:SimMIM",
 }
 
 

@@ -41,6 +41,12 @@ class Method(nn.Module):
         """Lets a method add per-sample work to the data pipeline (e.g. SimMIM's mask); default: none."""
         return transform
 
+    def reconstruct(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Masked image models: {original, masked, reconstruction} [N, C, H, W] in the input's
+        (normalised) pixel space, for the run's PNG grids; None: the method does not reconstruct.
+        """
+        return None
+
     def no_weight_decay(self) -> set[str]:
         """Parameter names exempt from weight decay beyond biases and norms (timm's convention)."""
         names: set[str] = set()

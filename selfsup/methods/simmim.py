@@ -1,0 +1,133 @@
+"""SimMIM (Xie et al. 2022, "SimMIM: A Simple Framework for Masked Image Modeling").
+
+Sec. 3 of the paper: mask random blocks of `mask_patch_size` pixels (32 px at 192 px, 60%),
+replace the masked patch embeddings by one learnable mask token, encode ALL tokens with the ViT,
+predict raw pixels with a one-layer head (1x1 conv to stride^2 * C channels + pixel shuffle), and
+take the L1 loss over masked pixels. Masks are drawn per sample in the data pipeline
+(`view_transform`), so a batch is ([images, masks], labels). The encoder is the registry's timm
+VisionTransformer itself (with its own position embedding), driven submodule by submodule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from selfsup.masking import (
+    SimMIMMaskGenerator,
+    WithMask,
+    check_vit,
+    masked_l1,
+    patch_pos_embed,
+    prefix_tokens,
+    vit_patch_grid,
+)
+from selfsup.methods.base import Method, StepOutput
+
+
+@dataclass
+class SimMIMConfig:
+    name: str = "simmim"
+    mask_patch_size: int = 32  # pixels per mask block side: a multiple of the patch size dividing the image
+    mask_ratio: float = 0.6  # fraction of blocks masked
+
+
+class SimMIM(Method):
+    views = "simmim"
+    Config = SimMIMConfig
+
+    def __init__(self, backbone: nn.Module, cfg: SimMIMConfig):
+        super().__init__()
+        self.cfg = cfg
+        vit = check_vit(backbone, "SimMIM")
+        self.encoder = vit
+        grid_h, grid_w, self.patch_size = vit_patch_grid(vit)
+        self.grid_size = (grid_h, grid_w)
+        self.image_size = (grid_h * self.patch_size, grid_w * self.patch_size)
+        self.in_chans = vit.patch_embed.proj.in_channels
+        # validates mask_patch_size against the image and patch sizes here, before any data is read
+        self.mask_generator = SimMIMMaskGenerator(self.image_size, cfg.mask_patch_size, self.patch_size, cfg.mask_ratio)
+
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
+        trunc_normal_(self.mask_token, std=0.02)
+        # prediction head (Sec. 3.3): a linear map per token to its p x p x C pixels, as 1x1 conv + shuffle
+        self.decoder = nn.Sequential(
+            nn.Conv2d(vit.embed_dim, self.patch_size**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.patch_size),
+        )
+
+    def view_transform(self, transform: Callable) -> Callable:
+        """Each sample becomes [image, mask [h, w]] in the DataLoader workers (off the accelerator)."""
+        return WithMask(transform, self.mask_generator)
+
+    def embed(self, images: Tensor, mask: Tensor) -> Tensor:
+        """The encoder's input tokens: masked patch embeddings replaced by the mask token, then positions.
+
+        images [N, C, H, W], mask [N, h, w] (True = masked) -> tokens [N, P + L, D].
+        """
+        vit = self.encoder
+        x = vit.patch_embed(images)  # [N, L, D]
+        w = mask.flatten(1).unsqueeze(-1).to(x.dtype)  # [N, h, w] -> [N, L, 1]
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        pos = patch_pos_embed(vit)
+        if pos is not None:
+            x = x + pos
+        prefix = prefix_tokens(vit, x.shape[0])  # [N, P, D]
+        if prefix is not None:
+            x = torch.cat([prefix, x], dim=1)  # [N, P + L, D]
+        return vit.norm_pre(vit.pos_drop(x))
+
+    def forward_encoder(self, images: Tensor, mask: Tensor) -> Tensor:
+        """All tokens through the ViT; patch tokens back on their grid: z [N, D, h, w]."""
+        vit = self.encoder
+        x = vit.norm(vit.blocks(self.embed(images, mask)))  # [N, P + L, D]
+        x = x[:, vit.num_prefix_tokens :]  # [N, L, D]
+        return x.transpose(1, 2).reshape(x.shape[0], -1, *self.grid_size)  # [N, L, D] -> [N, D, h, w]
+
+    def forward_decoder(self, z: Tensor) -> Tensor:
+        """z [N, D, h, w] -> [N, p*p*C, h, w] -> pixels [N, C, h*p, w*p]."""
+        return self.decoder(z)
+
+    def forward_loss(self, images: Tensor, reconstruction: Tensor, mask: Tensor) -> Tensor:
+        """L1 over masked pixels / (masked pixels x channels); mask [N, h, w] on the patch grid."""
+        p = self.patch_size
+        pixel_mask = mask.repeat_interleave(p, 1).repeat_interleave(p, 2)  # [N, h, w] -> [N, h*p, w*p]
+        return masked_l1(reconstruction, images, pixel_mask)
+
+    def forward(self, batch) -> StepOutput:
+        views, _ = batch
+        if len(views) != 2:
+            raise ValueError(
+                "SimMIM expects [images, masks] per batch from its view transform; got "
+                f"{len(views)} tensors. Keep data.num_views unset (1) and build the data with build_pretraining."
+            )
+        images, mask = views
+        if tuple(images.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"images are {tuple(images.shape[-2:])} but the ViT expects {self.image_size}; "
+                "set data.image_size equal to backbone.kwargs.img_size"
+            )
+        reconstruction = self.forward_decoder(self.forward_encoder(images, mask))
+        return StepOutput(self.forward_loss(images, reconstruction, mask), {})
+
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> dict[str, Tensor]:
+        """Fixed masks (seed 0); the reconstruction keeps visible pixels and shows predictions elsewhere."""
+        generator = torch.Generator().manual_seed(0)
+        mask = torch.stack([self.mask_generator(generator) for _ in range(images.shape[0])]).to(images.device)
+        pred = self.forward_decoder(self.forward_encoder(images, mask)).float()
+        p = self.patch_size
+        removed = mask.repeat_interleave(p, 1).repeat_interleave(p, 2).unsqueeze(1).float()  # [N, 1, H, W]
+        images = images.float()
+        return {
+            "original": images,
+            "masked": images * (1 - removed),
+            "reconstruction": images * (1 - removed) + pred * removed,
+        }
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}

@@ -1,0 +1,114 @@
+"""SimMIM: masked patches reach the encoder only as the mask token, L1 on masked pixels, end to end + export."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+import pretrain
+from selfsup.backbones import create_backbone
+from selfsup.config import ConfigError, from_dict
+from selfsup.methods.simmim import SimMIM, SimMIMConfig
+from tests.conftest import tiny_config_dict, write_config
+
+TINY_VIT = {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny_simmim(**cfg) -> SimMIM:
+    torch.manual_seed(0)
+    return SimMIM(create_backbone("vit_tiny_patch4", **TINY_VIT), SimMIMConfig(**{"mask_patch_size": 8, **cfg}))
+
+
+def pixel_mask(mask: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, h, w] patch mask -> [N, 1, h*p, w*p] by an explicit loop."""
+    n, h, w = mask.shape
+    out = torch.zeros(n, 1, h * patch, w * patch, dtype=torch.bool)
+    for b in range(n):
+        for i in range(h):
+            for j in range(w):
+                out[b, 0, i * patch : (i + 1) * patch, j * patch : (j + 1) * patch] = mask[b, i, j]
+    return out
+
+
+def test_pixels_inside_masked_patches_do_not_reach_the_encoder_tokens():
+    model = tiny_simmim()
+    images = torch.randn(3, 3, 16, 16)
+    mask = torch.stack([model.mask_generator() for _ in range(3)])  # [3, 4, 4]
+    tokens = model.embed(images, mask)
+    assert tokens.shape == (3, 1 + 16, 32)  # every token goes in, plus the class token
+    removed = pixel_mask(mask, 4).expand_as(images)
+    changed = torch.where(removed, torch.randn_like(images) * 10, images)
+    assert torch.equal(model.embed(changed, mask), tokens)
+    assert torch.equal(model.forward_encoder(changed, mask), model.forward_encoder(images, mask))
+    # masked positions hold the mask token + position embedding, whatever the image
+    expected = model.mask_token[0, 0] + model.encoder.pos_embed[0, 1:]  # [L, D]
+    flat = mask.flatten(1)
+    for b in range(3):
+        assert_close(tokens[b, 1:][flat[b]], expected[flat[b]])
+    poked = images.clone()
+    poked[~removed] += 1.0
+    assert not torch.equal(model.embed(poked, mask), tokens)
+
+
+def test_loss_is_l1_over_masked_pixels_and_channels_only():
+    model = tiny_simmim()
+    images = torch.randn(2, 3, 16, 16)
+    mask = torch.stack([model.mask_generator() for _ in range(2)])
+    reconstruction = torch.randn(2, 3, 16, 16)
+    loss = model.forward_loss(images, reconstruction, mask)
+    removed = pixel_mask(mask, 4)
+    expected = ((reconstruction - images).abs() * removed).sum() / (removed.sum() * 3)
+    assert_close(loss, expected)
+    visible_changed = torch.where(removed, reconstruction, torch.randn_like(reconstruction) * 9)
+    assert_close(model.forward_loss(images, visible_changed, mask), loss)
+
+
+def test_head_maps_each_token_to_its_own_patch_pixels():
+    model = tiny_simmim()
+    z = torch.zeros(1, 32, 4, 4)
+    z[0, :, 1, 2] = torch.randn(32)  # only token (1, 2) is non-zero
+    out = model.forward_decoder(z) - model.forward_decoder(torch.zeros_like(z))
+    assert out.shape == (1, 3, 16, 16)
+    inside = torch.zeros(1, 3, 16, 16, dtype=torch.bool)
+    inside[..., 4:8, 8:12] = True
+    assert out[~inside].abs().max() == 0 and out[inside].abs().max() > 0
+
+
+def test_mask_patch_size_is_checked_when_the_method_is_built(tmp_path):
+    backbone = {"name": "vit_tiny_patch4", "kwargs": {"img_size": 28}}
+    cfg = from_dict(tiny_config_dict(tmp_path, method={"name": "simmim", "mask_patch_size": 8}, backbone=backbone))
+    with pytest.raises(ValueError, match="valid values here: 4, 28"):
+        SimMIM(create_backbone("vit_tiny_patch4", img_size=28), cfg.method)
+    with pytest.raises(ConfigError, match="mask_ratio"):
+        from_dict(tiny_config_dict(tmp_path, method={"name": "simmim", "mask_ratio": "high"}))
+
+
+def test_simmim_trains_writes_reconstructions_and_exports_timm_loadable_weights(tmp_path):
+    cfg = tiny_config_dict(
+        tmp_path,
+        method={"name": "simmim", "mask_patch_size": 8, "mask_ratio": 0.6},
+        backbone={"name": "vit_tiny_patch4", "kwargs": TINY_VIT},
+        optim={"name": "adamw", "lr": 2e-3, "lr_scaling": "none", "weight_decay": 0.05, "warmup_epochs": 0},
+        train={"max_steps": 12},
+        eval={"at_end": True, "max_train_samples": 64, "max_test_samples": 32, "knn_k": 5},
+    )
+    summary = pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    run_dir = tmp_path / "runs" / "tiny"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses  # falling
+    assert "knn_top1" in summary
+    assert (run_dir / "reconstruction.png").is_file()
+
+    meta = json.loads((run_dir / "encoder" / "config.json").read_text())
+    state = load_file(str(run_dir / "encoder" / "model.safetensors"))
+    plain = timm.create_model(meta["timm"]["model_name"], **meta["timm"]["kwargs"])
+    result = plain.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
