@@ -35,6 +35,8 @@ class DataConfig:
     preset: str | None = None  # view preset; None: the method's own (simclr, moco_v2, mae, ...)
     num_views: int | None = None  # None: the preset's default
     views: dict[str, Any] = field(default_factory=dict)  # view overrides: crop_scale, blur_p, ...
+    augment_on: str = "workers"  # workers: per-image torchvision in the DataLoader | device: batched on the training device
+    load_size: int | None = None  # augment_on=device: images travel as uint8 squares of this side (None: image_size)
     num_samples: int = 512  # synthetic only
     num_classes: int = 10  # synthetic only
 

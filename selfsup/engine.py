@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from selfsup.config import Config, DataConfig
-from selfsup.data import EpochSampler
+from selfsup.data import EpochSampler, _mix_seed
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
 
 CHECKPOINT_PREFIX = "step_"
@@ -102,8 +102,13 @@ def fit(
     run_dir: str | Path,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    batch_transform: Callable[..., Any] | None = None,
 ) -> FitResult:
-    """Train `model` (forward(batch) -> StepOutput) on `loader` as `cfg.train` says; resumable."""
+    """Train `model` (forward(batch) -> StepOutput) on `loader` as `cfg.train` says; resumable.
+
+    `batch_transform(batch, generator=...)`, if given, makes each batch's views on the device before the
+    forward (data.augment_on=device), drawing from a generator seeded by (seed, epoch, batch, process).
+    """
     tcfg = cfg.train
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
@@ -162,6 +167,7 @@ def fit(
     last_saved = step if resume_from is not None else -1
 
     position = (epoch, skip)
+    generator = torch.Generator(device=accelerator.device) if batch_transform is not None else None
     model.train()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     window_images, window_start = 0, time.perf_counter()
@@ -172,6 +178,9 @@ def fit(
         batch_index = skip
         for batch in batches:
             batch_index += 1
+            if batch_transform is not None:  # the same views whatever the resume point
+                generator.manual_seed(_mix_seed(tcfg.seed, epoch, batch_index, accelerator.process_index))
+                batch = batch_transform(batch, generator=generator)
             with accelerator.accumulate(model):
                 out = model(batch)
                 if not _all_finite(out.loss, accelerator):
