@@ -8,9 +8,11 @@ it per image (RandomResizedCrop's 10 tries, ColorJitter's random op order, ...),
 the same view statistics.
 
 Written by hand in plain torch: kornia.augmentation 0.9 was measured on this pipeline (SimCLR
-recipe, 256 x 32 px, one CPU thread: ~2.7k images/s, ours is faster) and draws one jitter order
-per batch and crops by warping without antialiasing; here a crop + resize (+ flip) is two batched
-matmuls with torchvision's antialiased bilinear weights, and the blur two more.
+recipe, 256 x 32 px, one CPU thread: ~2.7k images/s, about half our rate) and draws one jitter
+order per batch and crops by warping without antialiasing. Here all views of a batch are one set of
+samples (per-sample options, so asymmetric recipes too); a crop + resize (+ flip) is two batched
+matmuls with torchvision's antialiased bilinear weights, the blur two more, and nothing waits for
+the device (no host syncs), so on a GPU the views are queued behind the previous step.
 """
 
 from __future__ import annotations
@@ -27,176 +29,180 @@ from torchvision.transforms.v2 import functional as F
 
 from selfsup.transforms import _blur_kernel_size, _plain, _stats, _to_channels, build_views
 
-__all__ = ["ViewParams", "BatchedView", "BatchedViews", "UInt8Images", "build_batched_views"]
+__all__ = ["ViewParams", "BatchedViews", "UInt8Images", "build_batched_views"]
 
 _TRIES = 10  # RandomResizedCrop's attempts before it falls back to a centre crop
-# uniform draws per sample and view: 2 x 10 crop tries, top, left, flip, jitter, 4 factors,
-# 4 order keys, grayscale, blur, sigma, solarize
+# uniform draws per sample: 2 x 10 crop tries, top, left, flip, jitter, 4 factors, 4 order keys,
+# grayscale, blur, sigma, solarize
 _DRAWS = 2 * _TRIES + 2 + 1 + 1 + 4 + 4 + 4
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 _IDENTITY = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors that change nothing
+_CPU_CHUNK_BYTES = 1 << 19  # views made at once on a CPU: each op's tensors stay in the core's L2 (~2x faster)
+_PROBABILITIES = ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
 
 
 @dataclass
 class ViewParams:
-    """Random parameters of one view for a batch, one entry per sample (what torchvision draws per image)."""
+    """Random parameters of N = B x V samples (image b's view v is sample b * V + v), as torchvision draws them per image."""
 
-    top: torch.Tensor  # [B] int64, crop box in input pixels
+    top: torch.Tensor  # [N] int64, crop box in input pixels
     left: torch.Tensor
     height: torch.Tensor
     width: torch.Tensor
-    flip: torch.Tensor  # [B] bool
-    jitter: torch.Tensor  # [B] bool: colour jitter applied
-    factors: torch.Tensor  # [B, 4] brightness, contrast, saturation, hue
-    order: torch.Tensor  # [B, 4] int64: permutation of the 4 jitter ops (0..3 in the order above)
-    grayscale: torch.Tensor  # [B] bool
-    blur: torch.Tensor  # [B] bool
-    sigma: torch.Tensor  # [B] float
-    solarize: torch.Tensor  # [B] bool
+    flip: torch.Tensor  # [N] bool
+    jitter: torch.Tensor  # [N] bool: colour jitter applied
+    factors: torch.Tensor  # [N, 4] brightness, contrast, saturation, hue (identity where the view turns one off)
+    order: torch.Tensor  # [N, 4] int64: permutation of the 4 jitter ops (0..3 in the order above)
+    grayscale: torch.Tensor  # [N] bool
+    blur: torch.Tensor  # [N] bool
+    sigma: torch.Tensor  # [N] float
+    solarize: torch.Tensor  # [N] bool
 
-    def select(self, index: torch.Tensor) -> ViewParams:
-        return ViewParams(**{k: v[index] for k, v in vars(self).items()})
+    def view(self, v: int, num_views: int) -> ViewParams:
+        """The parameters of view v alone: [B] entries."""
+        return ViewParams(**{k: t[v::num_views] for k, t in vars(self).items()})
 
-
-class BatchedView:
-    """One view's chain for a batch: crop + resize + flip -> jitter -> grayscale -> blur -> solarize -> normalize."""
-
-    def __init__(self, p: dict[str, Any], image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.p = dict(p)
-        self.image_size = image_size
-        self.mean, self.std = list(mean), list(std)
-        # torchvision's own range checks and (min, max) resolution of the jitter strengths
-        jitter = v2.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])
-        ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
-        self.jitter_enabled = [r is not None for r in ranges]
-        self.jitter_ranges = [r if r is not None else (v, v) for r, v in zip(ranges, _IDENTITY)]
-        self.blur_size = _blur_kernel_size(image_size)
-        v2.GaussianBlur(self.blur_size, sigma=p["blur_sigma"])  # validates sigma
-
-    # -- parameters ------------------------------------------------------------------------------
-
-    def sample(self, batch: int, height: int, width: int, *, generator: torch.Generator | None = None,
-               device: torch.device | str = "cpu") -> ViewParams:
-        """Per-sample parameters, distributed as torchvision v2 draws them for one image of this size."""
-        p = self.p
-        u = torch.rand(batch, _DRAWS, generator=generator, device=device)  # all draws of this view at once
-        top, left, h, w = self._crop_boxes(u[:, : 2 * _TRIES + 2].double(), height, width)
-        rest = u[:, 2 * _TRIES + 2:]  # [B, 14]
-        lo = rest.new_tensor([r[0] for r in self.jitter_ranges])
-        hi = rest.new_tensor([r[1] for r in self.jitter_ranges])
-        sigma_lo, sigma_hi = p["blur_sigma"]
-        return ViewParams(
-            top=top, left=left, height=h, width=w,
-            flip=rest[:, 0] < p["flip_p"],
-            jitter=rest[:, 1] < p["jitter_p"],
-            factors=lo + (hi - lo) * rest[:, 2:6],
-            order=rest[:, 6:10].argsort(dim=1),  # a uniform random permutation, like torch.randperm(4)
-            grayscale=rest[:, 10] < p["grayscale_p"],
-            blur=rest[:, 11] < p["blur_p"],
-            sigma=sigma_lo + (sigma_hi - sigma_lo) * rest[:, 12],
-            solarize=rest[:, 13] < p["solarize_p"],
-        )
-
-    def _crop_boxes(self, u: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, ...]:
-        """RandomResizedCrop.make_params for every sample: the first of 10 tries that fits, else a centre crop."""
-        (s_lo, s_hi), (r_lo, r_hi) = self.p["crop_scale"], self.p["crop_ratio"]
-        area = height * width
-        target = area * (s_lo + (s_hi - s_lo) * u[:, :_TRIES])  # [B, T]
-        log_lo, log_hi = math.log(r_lo), math.log(r_hi)
-        aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, _TRIES: 2 * _TRIES])
-        w = torch.sqrt(target * aspect).round()  # round half to even, like Python's round
-        h = torch.sqrt(target / aspect).round()
-        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [B, T]
-        first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first try that fits
-        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-        top = torch.floor(u[:, 2 * _TRIES] * (height - h + 1)).clamp(max=height - h)
-        left = torch.floor(u[:, 2 * _TRIES + 1] * (width - w + 1)).clamp(max=width - w)
-        # fallback: the largest centred crop whose ratio lies in crop_ratio
-        ratio = width / height
-        if ratio < min(r_lo, r_hi):
-            fw, fh = width, int(round(width / min(r_lo, r_hi)))
-        elif ratio > max(r_lo, r_hi):
-            fw, fh = int(round(height * max(r_lo, r_hi))), height
-        else:
-            fw, fh = width, height
-        ok = fits.any(dim=1)
-        h = torch.where(ok, h, fh)
-        w = torch.where(ok, w, fw)
-        top = torch.where(ok, top, (height - fh) // 2)
-        left = torch.where(ok, left, (width - fw) // 2)
-        return top.long(), left.long(), h.long(), w.long()
-
-    # -- the view ----------------------------------------------------------------------------------
-
-    def apply(self, images: torch.Tensor, prm: ViewParams) -> torch.Tensor:
-        """uint8 images [B, C, H, W] -> normalized float32 views [B, C, S, S] under the given parameters.
-
-        In between, x is a [B, C, H, W] view of [B, H, C, W] storage, so the row and column matmuls of
-        the crop and the blur are plain bmm over it without copies.
-        """
-        b, c, height, width = images.shape
-        size = self.image_size
-        # crop + antialiased resize (+ flip) as x' = Wy @ x @ Wx^T; ToDtype's 1/255 folded into Wy
-        wy = _resize_weights(prm.top, prm.height, height, size, scale=1.0 / 255.0)  # [B, S, H]
-        wx = _resize_weights(prm.left, prm.width, width, size, flip=prm.flip)  # [B, S, W]
-        x = images.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)  # [B, H, C, W]
-        x = _separable(x.permute(0, 2, 1, 3), wy, wx)  # [B, C, S, S]
-        if self.p["jitter_p"] > 0 and any(self.jitter_enabled):
-            x = self._color_jitter(x, prm)
-        if self.p["grayscale_p"] > 0 and c == 3:
-            x = torch.where(prm.grayscale[:, None, None, None], _gray(x), x)
-        if self.p["blur_p"] > 0:
-            kernel = _blur_matrix(prm.sigma, self.blur_size, size, identity=~prm.blur)  # [B, S, S]
-            x = _separable(x, kernel, kernel)
-        if self.p["solarize_p"] > 0:
-            solarize = prm.solarize[:, None, None, None] & (x >= self.p["solarize_threshold"])
-            x = torch.where(solarize, 1.0 - x, x)
-        scale = 1.0 / x.new_tensor(self.std)[None, :, None, None]
-        out = torch.empty(b, c, size, size, device=x.device)
-        return torch.addcmul(-x.new_tensor(self.mean)[None, :, None, None] * scale, x, scale, out=out)  # (x - mean) / std
-
-    def _color_jitter(self, x: torch.Tensor, prm: ViewParams) -> torch.Tensor:
-        """ColorJitter with each sample's own factors and op order.
-
-        Brightness, contrast and saturation are all x' = clamp(f x + (1 - f) ref) with ref = 0, the mean
-        grey level or the grey image, so each of the 4 rounds is one blend with a per-sample ref; samples
-        whose op in this round is hue (or that are not jittered) blend with f = 1, which is exact identity.
-        """
-        channels = x.shape[1]
-        enabled = torch.tensor(self.jitter_enabled, device=x.device)
-        if channels == 1:  # torchvision: saturation and hue leave 1-channel images alone
-            enabled[2:] = False
-        identity = x.new_tensor(_IDENTITY)
-        factors = torch.where(prm.jitter[:, None] & enabled, prm.factors, identity)  # [B, 4]
-        for k in range(4):
-            op = prm.order[:, k]  # [B]
-            ratio = torch.where(op == 3, 1.0, factors.gather(1, op[:, None])[:, 0])[:, None, None, None]
-            gray = _gray(x)  # [B, 1, H, W]
-            ref = torch.where((op == 1)[:, None, None, None], gray.mean(dim=(1, 2, 3), keepdim=True),
-                              gray * (op == 2)[:, None, None, None])  # brightness: 0
-            x = torch.addcmul(ref * (1.0 - ratio), x, ratio).clamp_(0.0, 1.0)  # exactly x where ratio = 1
-            if channels == 3 and self.jitter_enabled[3]:
-                hue = ((op == 3) & prm.jitter).nonzero()[:, 0]
-                if hue.numel():
-                    x.index_copy_(0, hue, _adjust_hue(x.index_select(0, hue), factors[hue, 3]))
-        return x
+    def rows(self, start: int, stop: int) -> ViewParams:
+        return ViewParams(**{k: t[start:stop] for k, t in vars(self).items()})
 
 
 class BatchedViews:
-    """Device-side MultiView: `(uint8 images [B, C, H, W], labels)` -> `(num_views x [B, C, S, S], labels)`."""
+    """Device-side MultiView: `(uint8 images [B, C, H, W], labels)` -> `(num_views x [B, C, S, S], labels)`.
 
-    def __init__(self, views: Sequence[BatchedView], in_chans: int, params: list[dict]) -> None:
-        self.views = list(views)
-        self.in_chans = in_chans
-        self.params = params
+    Each view's chain: crop + resize + flip -> jitter -> grayscale -> blur -> solarize -> normalize,
+    with the options of that view (transforms.py's resolved `params`) for its samples.
+    """
+
+    def __init__(self, params: list[dict[str, Any]], image_size: int, mean: Sequence[float], std: Sequence[float],
+                 in_chans: int) -> None:
+        self.params = [dict(p) for p in params]
+        self.image_size, self.in_chans = image_size, in_chans
+        self.mean, self.std = list(mean), list(std)
+        self.blur_size = _blur_kernel_size(image_size)
+        self.jitter_ranges = []  # per view: 4 (min, max) factor ranges, identity for the ops it turns off
+        for p in self.params:  # torchvision's own option checks
+            jitter = v2.ColorJitter(p["brightness"], p["contrast"], p["saturation"], p["hue"])
+            ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+            if in_chans == 1:  # torchvision: saturation and hue leave 1-channel images alone
+                ranges[2:] = [None, None]
+            self.jitter_ranges.append([r if r is not None else (i, i) for r, i in zip(ranges, _IDENTITY)])
+            v2.GaussianBlur(self.blur_size, sigma=p["blur_sigma"])
+        # ops no view uses are left out, as in the per-image pipeline
+        self.jitter_on = any(p["jitter_p"] > 0 and r != [(i, i) for i in _IDENTITY]
+                             for p, r in zip(self.params, self.jitter_ranges))
+        self.hue_on = self.jitter_on and any(r[3] != (0.0, 0.0) for r in self.jitter_ranges)
+        self.grayscale_on = in_chans == 3 and any(p["grayscale_p"] > 0 for p in self.params)
+        self.blur_on = any(p["blur_p"] > 0 for p in self.params)
+        self.solarize_on = any(p["solarize_p"] > 0 for p in self.params)
+        self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
 
     @property
     def num_views(self) -> int:
-        return len(self.views)
+        return len(self.params)
 
-    def sample(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[ViewParams]:
-        b, _, h, w = images.shape
-        return [view.sample(b, h, w, generator=generator, device=images.device) for view in self.views]
+    # -- parameters ------------------------------------------------------------------------------
+
+    def _table(self, device: torch.device, height: int, width: int) -> dict[str, torch.Tensor]:
+        """Per-view options as [V, ...] tensors on `device` (made once: no host-to-device copy per batch)."""
+        key = (str(device), height, width)
+        if key not in self._tables:
+            rows = {
+                "scale": [p["crop_scale"] for p in self.params],
+                "log_ratio": [(math.log(p["crop_ratio"][0]), math.log(p["crop_ratio"][1])) for p in self.params],
+                "fallback": [_fallback_crop(p["crop_ratio"], height, width) for p in self.params],
+                "probability": [[p[k] for k in _PROBABILITIES] for p in self.params],
+                "factor_low": [[r[0] for r in ranges] for ranges in self.jitter_ranges],
+                "factor_high": [[r[1] for r in ranges] for ranges in self.jitter_ranges],
+                "hue_on": [ranges[3] != (0.0, 0.0) for ranges in self.jitter_ranges],
+                "sigma": [p["blur_sigma"] for p in self.params],
+                "threshold": [p["solarize_threshold"] for p in self.params],
+            }
+            table = {k: torch.tensor(v, device=device) for k, v in rows.items()}
+            table["identity"] = torch.tensor(_IDENTITY, device=device)
+            table["scale_by"] = 1.0 / torch.tensor(self.std, device=device)[None, :, None, None]
+            table["shift_by"] = -torch.tensor(self.mean, device=device)[None, :, None, None] * table["scale_by"]
+            self._tables[key] = table
+        return self._tables[key]
+
+    def sample(self, batch: int, height: int, width: int, *, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> ViewParams:
+        """Parameters of every view of `batch` images of this size, distributed as torchvision v2 draws them."""
+        t = {k: v.repeat(batch, *([1] * (v.ndim - 1))) for k, v in self._table(torch.device(device), height, width).items()
+             if k in ("scale", "log_ratio", "fallback", "probability", "factor_low", "factor_high", "sigma")}  # [N, ...]
+        u = torch.rand(batch * self.num_views, _DRAWS, generator=generator, device=device)  # all draws at once
+        top, left, h, w = _crop_boxes(u[:, : 2 * _TRIES + 2].double(), t["scale"], t["log_ratio"], t["fallback"],
+                                      height, width)
+        rest = u[:, 2 * _TRIES + 2:]  # [N, 14]
+        events = rest[:, [0, 1, 10, 11, 13]] < t["probability"]  # flip, jitter, grayscale, blur, solarize
+        sigma = t["sigma"][:, 0] + (t["sigma"][:, 1] - t["sigma"][:, 0]) * rest[:, 12]
+        return ViewParams(
+            top=top, left=left, height=h, width=w, flip=events[:, 0], jitter=events[:, 1],
+            factors=t["factor_low"] + (t["factor_high"] - t["factor_low"]) * rest[:, 2:6],
+            order=rest[:, 6:10].argsort(dim=1),  # a uniform random permutation, like torch.randperm(4)
+            grayscale=events[:, 2], blur=events[:, 3], sigma=sigma, solarize=events[:, 4],
+        )
+
+    # -- the views ---------------------------------------------------------------------------------
+
+    def apply(self, images: torch.Tensor, prm: ViewParams, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 images [B, C, H, W] -> normalized float32 views [V, B, C, S, S] under the given parameters.
+
+        Samples are image-major (N = B x V): the crop's row matmul makes all views of an image in one bmm
+        from the shared uint8 image; after it x is a contiguous [N, C, S, S].
+        """
+        b, c, height, width = images.shape
+        v, size = self.num_views, self.image_size
+        table = self._table(images.device, height, width)
+        # crop + antialiased resize (+ flip) as x' = Wy @ x @ Wx^T; ToDtype's 1/255 folded into Wy
+        wy = _resize_weights(prm.top, prm.height, height, size, scale=1.0 / 255.0)  # [N, S, H]
+        wx = _resize_weights(prm.left, prm.width, width, size, flip=prm.flip)  # [N, S, W]
+        x = images.permute(0, 2, 1, 3).to(torch.float32, memory_format=torch.contiguous_format)  # [B, H, C, W]
+        x = torch.bmm(wy.view(b, v * size, height), x.view(b, height, c * width))  # [B, V*S, C*W]: all views' rows
+        x = x.view(b * v, size, c, width).transpose(1, 2).contiguous()  # [N, C, S, W]
+        x = torch.bmm(x.view(b * v, c * size, width), wx.transpose(1, 2)).view(b * v, c, size, size)  # [N, C, S, S]
+        if self.jitter_on:
+            x = self._color_jitter(x, prm, table)
+        if self.grayscale_on:
+            x = torch.where(prm.grayscale[:, None, None, None], _gray(x), x)
+        if self.blur_on:
+            kernel = _blur_matrix(prm.sigma, self.blur_size, size, identity=~prm.blur)  # [N, S, S]
+            x = kernel[:, None] @ x @ kernel[:, None].transpose(-1, -2)  # [N, C, S, S]
+        if self.solarize_on:
+            threshold = table["threshold"].repeat(b)[:, None, None, None]
+            x = torch.where(prm.solarize[:, None, None, None] & (x >= threshold), 1.0 - x, x)
+        if out is None:
+            out = torch.empty(v, b, c, size, size, device=x.device)  # each view a contiguous [B, C, S, S]
+        x = x.reshape(b, v, c, size, size).transpose(0, 1)  # [V, B, C, S, S] (a view where the layout allows)
+        return torch.addcmul(table["shift_by"], x, table["scale_by"], out=out)  # (x - mean) / std
+
+    def _color_jitter(self, x: torch.Tensor, prm: ViewParams, table: dict[str, torch.Tensor]) -> torch.Tensor:
+        """ColorJitter with each sample's own factors and op order, as 6 blends around one hue rotation.
+
+        Brightness, contrast and saturation are x' = clamp(f x + (1 - f) ref) with ref = 0, the mean grey
+        level or the grey image. A sample's ops before its hue run in blends 0-2 and those after it in
+        blends 3-5; a blend with f = 1 (op "3" below) is exactly the identity, so no sample waits on another.
+        """
+        factors = torch.where(prm.jitter[:, None], prm.factors, table["identity"])  # [N, 4]
+        if self.hue_on:
+            hue_at = (prm.order == 3).to(torch.uint8).argmax(dim=1, keepdim=True)  # [N, 1]
+            steps = torch.arange(4, device=x.device)
+            before = torch.where(steps[:3] < hue_at, prm.order[:, :3], 3)  # [N, 3]
+            after = torch.where(steps[1:] > hue_at, prm.order[:, 1:], 3)  # [N, 3]
+            ops = torch.cat([before, after], dim=1)  # [N, 6]
+        else:
+            ops = prm.order  # [N, 4]: the hue ops are identity
+        ratios = torch.where(ops == 3, 1.0, factors.gather(1, ops.clamp(max=2)))  # [N, R]
+        contrast, saturation = ops == 1, (ops == 2).to(x.dtype)
+        for k in range(ops.shape[1]):
+            if self.hue_on and k == 3:  # hue rotation between the two halves
+                rotate = (prm.jitter & table["hue_on"].repeat(x.shape[0] // self.num_views))[:, None, None, None]
+                x = torch.where(rotate, _adjust_hue(x, factors[:, 3]), x)
+            gray = _gray(x)  # [N, 1, S, S]
+            ref = torch.where(contrast[:, k, None, None, None], gray.mean(dim=(1, 2, 3), keepdim=True),
+                              gray * saturation[:, k, None, None, None])  # brightness: 0
+            ratio = ratios[:, k, None, None, None]
+            x = torch.addcmul(ref * (1.0 - ratio), x, ratio).clamp_(0.0, 1.0)  # exactly x where ratio = 1
+        return x
 
     def make_views(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != self.in_chans:
@@ -204,14 +210,23 @@ class BatchedViews:
                 f"batched views take uint8 images [B, {self.in_chans}, H, W], got {images.dtype} {tuple(images.shape)}; "
                 "with data.augment_on=device the dataset must yield UInt8Images' output"
             )
-        return [view.apply(images, prm) for view, prm in zip(self.views, self.sample(images, generator))]
+        b, c, h, w = images.shape
+        v, size = self.num_views, self.image_size
+        prm = self.sample(b, h, w, generator=generator, device=images.device)
+        out = torch.empty(v, b, c, size, size, device=images.device)
+        # a CPU works through cache-sized chunks (the ops stream their tensors); a GPU takes the batch at once
+        chunk = b if images.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // (4 * v * c * size * size))
+        for start in range(0, b, chunk):
+            stop = min(start + chunk, b)
+            self.apply(images[start:stop], prm.rows(start * v, stop * v), out=out[:, start:stop])
+        return list(out.unbind(0))
 
     def __call__(self, batch: Any, generator: torch.Generator | None = None) -> Any:
         images, *rest = batch
         return (self.make_views(images, generator), *rest)
 
     def __repr__(self) -> str:
-        return f"BatchedViews(in_chans={self.in_chans}, views={self.params})"
+        return f"BatchedViews(in_chans={self.in_chans}, image_size={self.image_size}, views={self.params})"
 
 
 def build_batched_views(
@@ -228,7 +243,7 @@ def build_batched_views(
     resolved = build_views(preset, image_size=image_size, mean=mean, std=std, in_chans=in_chans,
                            num_views=num_views, **overrides).params
     mean, std = _stats(mean, std, in_chans)
-    return BatchedViews([BatchedView(p, image_size, mean, std) for p in resolved], in_chans, resolved)
+    return BatchedViews(resolved, image_size, mean, std, in_chans)
 
 
 class UInt8Images:
@@ -256,6 +271,38 @@ class UInt8Images:
 # ---------------------------------------------------------------------------------------------
 
 
+def _fallback_crop(ratio: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's fallback: the largest centred crop (top, left, h, w) whose ratio lies in `ratio`."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _crop_boxes(u: torch.Tensor, scale: torch.Tensor, log_ratio: torch.Tensor, fallback: torch.Tensor,
+                height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """RandomResizedCrop.make_params for every sample: the first of 10 tries that fits, else the fallback.
+
+    u: [N, 22] uniforms (float64, as torchvision computes the box in Python floats); scale, log_ratio: [N, 2].
+    """
+    area = height * width
+    target = area * (scale[:, :1] + (scale[:, 1:] - scale[:, :1]) * u[:, :_TRIES])  # [N, T]
+    aspect = torch.exp(log_ratio[:, :1] + (log_ratio[:, 1:] - log_ratio[:, :1]) * u[:, _TRIES: 2 * _TRIES])
+    w = torch.sqrt(target * aspect).round()  # round half to even, like Python's round
+    h = torch.sqrt(target / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # [N, T]
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first try that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    top = torch.floor(u[:, 2 * _TRIES] * (height - h + 1)).clamp(max=height - h)
+    left = torch.floor(u[:, 2 * _TRIES + 1] * (width - w + 1)).clamp(max=width - w)
+    box = torch.stack([top, left, h, w], dim=1)  # [N, 4]
+    return torch.where(fits.any(dim=1, keepdim=True), box, fallback.to(box.dtype)).long().unbind(1)
+
+
 def _resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, *,
                     flip: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """[B, out, in] weights of torchvision's antialiased bilinear resize of the crop [start, start + length).
@@ -277,24 +324,12 @@ def _resize_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out
     return weights * (scale / weights.sum(dim=-1, keepdim=True))
 
 
-def _separable(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """rows @ x @ cols^T per sample and channel: x [B, C, H, W], rows [B, R, H], cols [B, K, W] -> [B, C, R, K].
-
-    Two plain bmm over x's [B, H, C, W] storage (free when x is a view of it, as `apply` keeps it).
-    """
-    b, c, h, w = x.shape
-    r = rows.shape[1]
-    y = torch.bmm(rows, x.permute(0, 2, 1, 3).reshape(b, h, c * w))  # [B, R, C*W]
-    y = torch.bmm(y.view(b, r * c, w), cols.transpose(1, 2))  # [B, R*C, K]
-    return y.view(b, r, c, -1).permute(0, 2, 1, 3)  # [B, C, R, K] over [B, R, C, K] storage
-
-
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, 1, H, W] luma as torchvision computes it (the image itself when C == 1)."""
+    """[N, C, H, W] -> [N, 1, H, W] luma, as torchvision's rgb_to_grayscale computes it (x itself when C == 1)."""
     if x.shape[1] == 1:
         return x
     r, g, b = x.unbind(dim=1)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b)[:, None]
+    return (r * _GRAY_WEIGHTS[0]).add_(g, alpha=_GRAY_WEIGHTS[1]).add_(b, alpha=_GRAY_WEIGHTS[2])[:, None]
 
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -309,7 +344,7 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(dim=1)
     rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))  # in [-1, 5)
-    n = x.new_tensor([5.0, 3.0, 1.0])[None, :, None, None]
+    n = (5.0 - 2.0 * torch.arange(3, device=x.device, dtype=x.dtype))[None, :, None, None]  # 5, 3, 1
     k = n + hue[:, None] + 6.0 * shift[:, None, None, None]  # rotated hue + channel offset, in [-3, 13)
     k = k - 6.0 * torch.floor(k * (1.0 / 6.0))  # mod 6
     return maxc[:, None] - chroma[:, None] * (2.0 - (k - 2.0).abs()).clamp_(0.0, 1.0)  # = clamp(min(k, 4 - k), 0, 1)

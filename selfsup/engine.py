@@ -168,6 +168,7 @@ def fit(
 
     position = (epoch, skip)
     generator = torch.Generator(device=accelerator.device) if batch_transform is not None else None
+    watch = _NonFiniteWatch(accelerator, result, ckpt_root)
     model.train()
     progress = tqdm(total=total_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc="train")
     window_images, window_start = 0, time.perf_counter()
@@ -183,12 +184,13 @@ def fit(
                 batch = batch_transform(batch, generator=generator)
             with accelerator.accumulate(model):
                 out = model(batch)
-                if not _all_finite(out.loss, accelerator):
-                    if not tcfg.skip_nonfinite:
-                        raise NonFiniteLossError(_nonfinite_message(out.loss, step, epoch, result, ckpt_root))
-                    result.skipped_nonfinite += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
+                if tcfg.skip_nonfinite:  # skipping is decided now: one host sync per step
+                    if not _all_finite(out.loss, accelerator):
+                        result.skipped_nonfinite += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                else:
+                    watch.record(out.loss, step + 1)
                 accelerator.backward(out.loss)
                 if accelerator.sync_gradients and tcfg.clip_grad:
                     accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
@@ -205,6 +207,7 @@ def fit(
             progress.update(1)
 
             if step % tcfg.log_every_steps == 0 or step == total_steps:
+                watch.check()
                 loss = accelerator.reduce(out.loss.detach().float(), reduction="mean").item()
                 result.last_loss = loss
                 elapsed = time.perf_counter() - window_start
@@ -226,6 +229,7 @@ def fit(
                     accelerator.log(record, step=step)
 
             if tcfg.checkpoint_every_steps and step % tcfg.checkpoint_every_steps == 0:
+                watch.check()  # never save weights a non-finite step has touched
                 _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
                 last_saved = step
             if step >= total_steps:
@@ -235,11 +239,13 @@ def fit(
         if batch_index >= batches_per_epoch:
             epoch += 1
             if evaluate is not None and cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0 and step < total_steps:
+                watch.check()
                 result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
                 model.train()
         elif step >= total_steps:
             break
     progress.close()
+    watch.check()
 
     if step != last_saved:
         _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
@@ -319,6 +325,34 @@ def _run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file)
     return record
 
 
+class _NonFiniteWatch:
+    """The first step whose loss was NaN/Inf, kept on the device so the loop never waits for the loss.
+
+    A `.item()` per step stalls a GPU between forward and backward (8% of a ResNet-18 step on an H100);
+    the flag is read where the loop syncs anyway (log steps) and before every checkpoint, evaluation and
+    the end, so a bad step is reported by number at most log_every_steps later and never saved.
+    """
+
+    NONE = 2**62
+
+    def __init__(self, accelerator: Accelerator, result: FitResult, ckpt_root: Path) -> None:
+        self.accelerator, self.result, self.ckpt_root = accelerator, result, ckpt_root
+        self.first: torch.Tensor | None = None
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        bad_at = torch.where(torch.isfinite(loss.detach()).all(), self.NONE, step)
+        self.first = bad_at if self.first is None else torch.minimum(self.first, bad_at)
+
+    def check(self) -> None:
+        if self.first is None:
+            return
+        first = self.first
+        if self.accelerator.num_processes > 1:  # every rank raises together, or the others hang
+            first = self.accelerator.gather(first[None]).min()
+        if int(first.item()) != self.NONE:
+            raise NonFiniteLossError(_nonfinite_message(int(first.item()), self.result, self.ckpt_root))
+
+
 def _all_finite(loss: torch.Tensor, accelerator: Accelerator) -> bool:
     finite = torch.isfinite(loss.detach()).all().float()
     if accelerator.num_processes > 1:  # every rank must take the same branch, or DDP hangs
@@ -326,12 +360,12 @@ def _all_finite(loss: torch.Tensor, accelerator: Accelerator) -> bool:
     return bool(finite.item() == 1.0)
 
 
-def _nonfinite_message(loss, step, epoch, result: FitResult, ckpt_root: Path) -> str:
+def _nonfinite_message(bad_step: int, result: FitResult, ckpt_root: Path) -> str:
     good = list_checkpoints(ckpt_root)
     last = f"{result.last_loss:.6g}" if result.last_loss is not None else "none logged yet"
     where = f"The last good checkpoint, {good[-1]}, is intact and train.resume=auto continues from it." if good else "No checkpoint was written yet."
     return (
-        f"Loss is {loss.detach().float().item()} at step {step + 1} (epoch {epoch}); last finite logged loss: {last}. "
+        f"Loss became NaN/Inf at step {bad_step}; last finite logged loss: {last}. "
         f"{where} Usual fixes: lower optim.lr or lengthen optim.warmup_epochs, train fp32 (train.precision=no), "
         "clip gradients (train.clip_grad=1.0); or set train.skip_nonfinite=true to skip such steps and count them."
     )

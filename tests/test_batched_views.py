@@ -82,18 +82,22 @@ def _reference_view(image, prm, i, blur_size, threshold, mean, std, size):
 @pytest.mark.parametrize("in_chans", [3, 1])
 def test_each_sample_equals_torchvision_functional_ops_with_its_parameters(in_chans):
     mean, std = MEAN[:in_chans], STD[:in_chans]
-    # crops both smaller and larger than the output (up- and antialiased down-scaling), every op on
+    # crops both smaller and larger than the output (up- and antialiased down-scaling), every op on,
+    # and an asymmetric option: only the second view is ever solarized
     views = build_batched_views("simclr", image_size=24, mean=mean, std=std, in_chans=in_chans, crop_scale=(0.1, 1.0),
-                                jitter_p=0.8, grayscale_p=0.3, blur_p=0.5, solarize_p=0.3, solarize_threshold=0.6)
+                                jitter_p=0.8, grayscale_p=0.3, blur_p=0.5, solarize_p=[0.0, 0.4], solarize_threshold=0.6)
     images = _images(b=48, c=in_chans, h=40, w=36)
-    view = views.views[0]
-    prm = view.sample(48, 40, 36, generator=torch.Generator().manual_seed(1))
-    out = view.apply(images, prm)
-    assert prm.flip.any() and prm.jitter.any() and prm.blur.any() and prm.solarize.any() and prm.grayscale.any()
-    assert (prm.height * prm.width > 24 * 24).any() and (prm.height * prm.width < 24 * 24).any()
-    for i in range(48):
-        expected = _reference_view(images[i], prm, i, view.blur_size, 0.6, mean, std, 24)
-        torch.testing.assert_close(out[i], expected, atol=2e-4, rtol=0)
+    prm = views.sample(48, 40, 36, generator=torch.Generator().manual_seed(1))
+    out = views.apply(images, prm)
+    assert out.shape == (2, 48, in_chans, 24, 24)
+    first, second = prm.view(0, 2), prm.view(1, 2)
+    assert not first.solarize.any() and second.solarize.any()
+    assert first.flip.any() and first.jitter.any() and first.blur.any() and first.grayscale.any()
+    assert (first.height * first.width > 24 * 24).any() and (first.height * first.width < 24 * 24).any()
+    for v, p in enumerate((first, second)):
+        for i in range(48):
+            expected = _reference_view(images[i], p, i, views.blur_size, 0.6, mean, std, 24)
+            torch.testing.assert_close(out[v, i], expected, atol=2e-4, rtol=0)
 
 
 def test_samples_are_independent_and_seeded():
@@ -115,6 +119,12 @@ def test_samples_are_independent_and_seeded():
         assert torch.equal(a, b) and not torch.equal(a, c)
     first, second = run(images, 3)
     assert not torch.equal(first, second)  # the two views of one call differ
+    # on a CPU the views are made in cache-sized chunks of images: the same as all at once
+    many = _images(b=200, h=16, w=16)
+    chunked = run(many, 5)
+    whole = views.apply(many, views.sample(200, 16, 16, generator=torch.Generator().manual_seed(5)))
+    for v in range(2):
+        torch.testing.assert_close(chunked[v], whole[v], rtol=0, atol=1e-6)
 
 
 def _pipeline_ops(preset, size, **overrides):
@@ -134,8 +144,8 @@ def test_random_parameters_follow_the_per_image_distributions(preset, size):
     image = [tv_tensors.Image(torch.zeros(3, h, w, dtype=torch.uint8))]
     boxes = np.array([[p["top"], p["left"], p["height"], p["width"]] for p in (crop.make_params(image) for _ in range(n))])
     factors = [jitter.make_params(image) for _ in range(n)]
-    prm = build_batched_views(preset, image_size=24, mean=MEAN, std=STD).views[0].sample(
-        n, h, w, generator=torch.Generator().manual_seed(0))
+    prm = build_batched_views(preset, image_size=24, mean=MEAN, std=STD).sample(
+        n, h, w, generator=torch.Generator().manual_seed(0)).view(0, 2)
     ours = torch.stack([prm.top, prm.left, prm.height, prm.width], 1).numpy()
 
     def features(b):  # area fraction, log aspect, box centre
@@ -159,8 +169,8 @@ def test_random_parameters_follow_the_per_image_distributions(preset, size):
 def test_event_frequencies_follow_the_view_options():
     n = 20000
     options = dict(flip_p=0.5, jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.1)
-    view = build_batched_views("simclr", image_size=16, mean=MEAN, std=STD, **options).views[0]
-    prm = view.sample(n, 16, 16, generator=torch.Generator().manual_seed(0))
+    views = build_batched_views("simclr", image_size=16, mean=MEAN, std=STD, num_views=1, **options)
+    prm = views.sample(n, 16, 16, generator=torch.Generator().manual_seed(0))
     for key, p in options.items():
         rate = getattr(prm, {"flip_p": "flip", "jitter_p": "jitter", "grayscale_p": "grayscale", "blur_p": "blur",
                              "solarize_p": "solarize"}[key]).float().mean().item()

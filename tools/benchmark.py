@@ -252,17 +252,19 @@ def measure_fit(cfg, args, *, real_loader: bool, bare: bool = False) -> dict[str
         loader = InMemoryLoader(_device_batches(loader, accelerator.device), cfg.train.max_steps + 1)
     bare_step = _bare_step(cfg, method, loader.batches[0], transform, accelerator) if bare else None
 
-    ends: list[float] = []  # after each optimizer step
-    resumes: list[float] = []  # when fit resumes after it (later than `ends` where a bare window ran)
+    ends: dict[int, float] = {}  # step -> time at the end of it, at window boundaries only (a sync there)
+    resumes: dict[int, float] = {}  # step -> when fit goes on after it (later where a bare window ran)
     bare_seconds: list[float] = []
     inner = method.after_step
 
     def after_step(progress: float) -> None:
         inner(progress)
+        step = after_step.calls = getattr(after_step, "calls", 0) + 1
+        if step < warmup or (step - warmup) % steps:
+            return  # no sync inside a window: the engine's own syncs are part of what is measured
         _sync()
-        ends.append(time.perf_counter())
-        done = len(ends)
-        if bare_step is not None and done >= warmup and (done - warmup) % steps == 0 and len(bare_seconds) < repeats:
+        ends[step] = time.perf_counter()
+        if bare_step is not None and len(bare_seconds) < repeats:
             if not bare_seconds:
                 for _ in range(warmup):
                     bare_step()
@@ -272,14 +274,14 @@ def measure_fit(cfg, args, *, real_loader: bool, bare: bool = False) -> dict[str
                 bare_step()
             _sync()
             bare_seconds.append(time.perf_counter() - start)
-        resumes.append(time.perf_counter())
+        resumes[step] = time.perf_counter()
 
     method.after_step = after_step  # the instance attribute shadows the class method for this run only
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     run_dir = Path(tempfile.mkdtemp(dir=cfg.train.output_dir))  # metrics and the final checkpoint go here
     fit(method, loader, cfg, accelerator, run_dir=run_dir, batch_transform=transform)
-    step_seconds = [ends[warmup - 1 + (k + 1) * steps] - resumes[warmup - 1 + k * steps] for k in range(repeats)]
+    step_seconds = [ends[warmup + (k + 1) * steps] - resumes[warmup + k * steps] for k in range(repeats)]
     out: dict[str, Any] = {"step": summarize(step_seconds, cfg.data.batch_size, steps)}
     out["step"].update(num_workers=cfg.data.num_workers, precision=accelerator.mixed_precision)
     if torch.cuda.is_available():
