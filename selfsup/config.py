@@ -59,6 +59,7 @@ class OptimConfig:
     min_lr: float = 0.0
     exclude_bias_and_norm: bool = True  # no weight decay on biases, norms, pos-embeds, cls tokens
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+    fused: bool = False  # torch's fused update kernels (sgd, adam, adamw; CUDA and CPU): fewer launches per step
 
 
 @dataclass
