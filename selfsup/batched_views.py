@@ -63,6 +63,7 @@ class ViewParams:
         return ViewParams(**{k: t[v::num_views] for k, t in vars(self).items()})
 
     def rows(self, start: int, stop: int) -> ViewParams:
+        """Samples start..stop (image-major: images start // V .. stop // V)."""
         return ViewParams(**{k: t[start:stop] for k, t in vars(self).items()})
 
 
@@ -95,6 +96,7 @@ class BatchedViews:
         self.blur_on = any(p["blur_p"] > 0 for p in self.params)
         self.solarize_on = any(p["solarize_p"] > 0 for p in self.params)
         self._tables: dict[tuple, dict[str, torch.Tensor]] = {}
+        self._apply = self.apply
 
     @property
     def num_views(self) -> int:
@@ -144,7 +146,7 @@ class BatchedViews:
 
     # -- the views ---------------------------------------------------------------------------------
 
-    def apply(self, images: torch.Tensor, prm: ViewParams, out: torch.Tensor | None = None) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, prm: ViewParams) -> torch.Tensor:
         """uint8 images [B, C, H, W] -> normalized float32 views [V, B, C, S, S] under the given parameters.
 
         Samples are image-major (N = B x V): the crop's row matmul makes all views of an image in one bmm
@@ -170,9 +172,8 @@ class BatchedViews:
         if self.solarize_on:
             threshold = table["threshold"].repeat(b)[:, None, None, None]
             x = torch.where(prm.solarize[:, None, None, None] & (x >= threshold), 1.0 - x, x)
-        if out is None:
-            out = torch.empty(v, b, c, size, size, device=x.device)  # each view a contiguous [B, C, S, S]
-        x = x.reshape(b, v, c, size, size).transpose(0, 1)  # [V, B, C, S, S] (a view where the layout allows)
+        x = x.reshape(b, v, c, size, size).transpose(0, 1)  # [V, B, C, S, S]
+        out = torch.empty(v, b, c, size, size, device=x.device)  # each view a contiguous [B, C, S, S]
         return torch.addcmul(table["shift_by"], x, table["scale_by"], out=out)  # (x - mean) / std
 
     def _color_jitter(self, x: torch.Tensor, prm: ViewParams, table: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,13 +214,21 @@ class BatchedViews:
         b, c, h, w = images.shape
         v, size = self.num_views, self.image_size
         prm = self.sample(b, h, w, generator=generator, device=images.device)
-        out = torch.empty(v, b, c, size, size, device=images.device)
         # a CPU works through cache-sized chunks (the ops stream their tensors); a GPU takes the batch at once
         chunk = b if images.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // (4 * v * c * size * size))
+        if chunk >= b:
+            return list(self._apply(images, prm).unbind(0))
+        out = torch.empty(v, b, c, size, size, device=images.device)
         for start in range(0, b, chunk):
             stop = min(start + chunk, b)
-            self.apply(images[start:stop], prm.rows(start * v, stop * v), out=out[:, start:stop])
+            out[:, start:stop] = self._apply(images[start:stop], prm.rows(start * v, stop * v))
         return list(out.unbind(0))
+
+    def compile(self) -> BatchedViews:
+        """Fuse `apply`'s elementwise chains with torch.compile (train.compile): far fewer kernel launches
+        on a GPU, ~2.5x on a CPU core. Shapes are static per batch size; the sampling stays eager."""
+        self._apply = torch.compile(self.apply, dynamic=False)
+        return self
 
     def __call__(self, batch: Any, generator: torch.Generator | None = None) -> Any:
         images, *rest = batch

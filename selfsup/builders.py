@@ -59,10 +59,12 @@ def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:
 
 
 def build_batch_transform(cfg: Config, method: Method, info: DatasetInfo) -> BatchedViews | None:
-    """With data.augment_on=device: the batched views `fit` applies on the training device; else None."""
+    """With data.augment_on=device: the batched views `fit` applies on the training device (compiled
+    with train.compile); else None."""
     if not _augment_on_device(cfg):
         return None
-    return build_batched_views(cfg.data.preset or method.views, **_view_kwargs(cfg, info))
+    views = build_batched_views(cfg.data.preset or method.views, **_view_kwargs(cfg, info))
+    return views.compile() if cfg.train.compile else views
 
 
 def _augment_on_device(cfg: Config) -> bool:

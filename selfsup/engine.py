@@ -349,8 +349,9 @@ class _NonFiniteWatch:
         first = self.first
         if self.accelerator.num_processes > 1:  # every rank raises together, or the others hang
             first = self.accelerator.gather(first[None]).min()
-        if int(first.item()) != self.NONE:
-            raise NonFiniteLossError(_nonfinite_message(int(first.item()), self.result, self.ckpt_root))
+        bad_step = int(first.item())
+        if bad_step != self.NONE:
+            raise NonFiniteLossError(_nonfinite_message(bad_step, self.result, self.ckpt_root))
 
 
 def _all_finite(loss: torch.Tensor, accelerator: Accelerator) -> bool:

@@ -260,3 +260,14 @@ def test_fit_with_device_views_trains_and_resumes_with_the_same_views(tmp_path):
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_views_equal_eager_views():
+    """train.compile also compiles the batched views (~20 s of compilation on a CPU core)."""
+    views = build_batched_views("simclr", image_size=16, mean=MEAN, std=STD, solarize_p=0.3)
+    images = _images(b=200, h=16, w=16)  # several CPU chunks and a smaller last one
+    eager = views.make_views(images, torch.Generator().manual_seed(0))
+    compiled = views.compile().make_views(images, torch.Generator().manual_seed(0))
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -10,11 +10,12 @@ windows of `--steps` after `--warmup`:
   and the batched views of selfsup.batched_views on CPU (and on the device when it is a GPU);
 - step: the real `engine.fit` on batches already in memory on the device (views, or uint8 images
   plus the on-device views when data.augment_on=device);
-- bare: the backbone's forward + backward alone on the same views, same precision/layout/compile;
-- method_overhead = step time / bare time (everything that is not the backbone);
+- bare: the backbone's forward + backward alone on the same views, same precision/layout/compile, in
+  windows alternating with the step's (same load on a shared machine);
+- method_overhead = step time / bare time (everything that is not the backbone), median of adjacent pairs;
 - end_to_end: `engine.fit` with the real DataLoader (data.num_workers workers);
-- peak memory (CUDA: max allocated in the step; CPU: the process's peak RSS).
-Timing lives here and never in a test.
+- peak memory (CUDA: max allocated in the step and end-to-end runs; CPU: the process's peak RSS).
+One process (no `accelerate launch`). Timing lives here and never in a test.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
     parser.add_argument("--sweep", default=None, help="KEY=v1,v2,...: step and bare at each value (e.g. MAE mask ratio)")
-    parser.add_argument("--skip", default="", help="comma list of phases to skip: views, step, bare, end_to_end")
+    parser.add_argument("--skip", default="", help="comma list of phases to skip: views, step (and bare), bare, end_to_end")
     parser.add_argument("--label", default=None, help="row name in the markdown table (default: config stem + overrides)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--markdown", default=None, help="add/replace this run's row in this markdown file")
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here; use --device cpu")
     skip = {s for s in args.skip.split(",") if s}
+    load_at_start = os.getloadavg()[0]
     result: dict[str, Any] = {
         "config": args.config, "overrides": list(args.overrides), "machine": machine(), "settings": {
             "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads()},
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.sweep:
             result["sweep"] = measure_sweep(args, tmp)
     result["peak_memory_mb"] = peak_memory_mb(result)
+    result["load_average"] = {"start": load_at_start, "end": os.getloadavg()[0]}  # other jobs on a shared machine
     print_summary(result)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -163,10 +166,11 @@ def measure_views(cfg, args) -> dict[str, Any]:
             for image in images:
                 views(image)
             augment_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            batch = torch.stack([to_uint8(image) for image in images])
-            batched.make_views(batch, torch.Generator().manual_seed(0))
-            batched_s.append(time.perf_counter() - start)
+            if batched is not None:
+                start = time.perf_counter()
+                batch = torch.stack([to_uint8(image) for image in images])
+                batched.make_views(batch, torch.Generator().manual_seed(0))
+                batched_s.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
     med = lambda xs: statistics.median(xs[1:])  # noqa: E731
@@ -176,8 +180,10 @@ def measure_views(cfg, args) -> dict[str, Any]:
         "decode_images_per_s": count / med(decode_s),
         "per_image_augment_images_per_s": count / med(augment_s),
         "per_image_images_per_s": count / (med(decode_s) + med(augment_s)),
-        "batched_cpu_1thread_images_per_s": count / med(batched_s),  # uint8 conversion + batched views
     }
+    if batched is None:  # the method adds per-sample loader work: no device path
+        return out
+    out["batched_cpu_1thread_images_per_s"] = count / med(batched_s)  # uint8 conversion + batched views
     out["batched_speedup_per_core"] = out["batched_cpu_1thread_images_per_s"] / out["per_image_augment_images_per_s"]
     if torch.cuda.is_available():
         batch = batch.cuda()
@@ -197,8 +203,12 @@ def measure_views(cfg, args) -> dict[str, Any]:
 
 
 def _batched(cfg, method, info):
+    """The batched views of this config, or None for a method the device path cannot run (SimMIM's masks)."""
     from selfsup.builders import build_batch_transform
+    from selfsup.methods import Method
 
+    if type(method).view_transform is not Method.view_transform:
+        return None
     on_device = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, augment_on="device"))
     return build_batch_transform(on_device, method, info)
 
@@ -354,16 +364,19 @@ def measure_sweep(args, tmp: str) -> list[dict[str, Any]]:
 def machine() -> dict[str, Any]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in line.split()]
                 break
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def peak_memory_mb(result: dict[str, Any]) -> dict[str, Any]:
@@ -385,7 +398,8 @@ def row_cells(result: dict[str, Any], label: str | None) -> list[str]:
     views, step, bare = result.get("view_pipeline", {}), result.get("step", {}), result.get("bare_backbone", {})
     memory = result["peak_memory_mb"]
     m = result["machine"]
-    where = f"{m['gpu']}" if result["device"] == "cuda" else f"{m['cpu']}, {m['cores']} cores, {result['settings']['threads']} threads"
+    amx = " (AMX)" if "amx_bf16" in m.get("cpu_flags", []) else ""
+    where = m["gpu"] if result["device"] == "cuda" else f"{m['cpu']}{amx}, {m['cores']} cores, {result['settings']['threads']} threads"
     name = label or " ".join([Path(result["config"]).stem, *result["overrides"]])
     return [
         f"{name} ({result['device']}, {PRECISION.get(result['precision'], result['precision'])})", where,
@@ -424,8 +438,9 @@ def print_summary(result: dict[str, Any]) -> None:
     if views:
         print(f"[bench] view pipeline per worker (1 thread): decode {views['decode_images_per_s']:.0f} img/s, "
               f"per-image views {views['per_image_augment_images_per_s']:.0f} img/s, decode+views "
-              f"{views['per_image_images_per_s']:.0f} img/s; batched views on CPU "
-              f"{views['batched_cpu_1thread_images_per_s']:.0f} img/s ({views['batched_speedup_per_core']:.1f}x per core)"
+              f"{views['per_image_images_per_s']:.0f} img/s"
+              + (f"; batched views on CPU {views['batched_cpu_1thread_images_per_s']:.0f} img/s "
+                 f"({views['batched_speedup_per_core']:.1f}x per core)" if "batched_speedup_per_core" in views else "")
               + (f"; batched on the device {views['batched_device_images_per_s']:.0f} img/s" if "batched_device_images_per_s" in views else ""))
     for name in ("step", "bare_backbone", "end_to_end"):
         if name in result:
