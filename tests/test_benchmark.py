@@ -26,12 +26,12 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
     cfg = tiny_config_dict(tmp_path, data={"batch_size": 16, "num_samples": 64, "num_workers": 1})
     config = write_config(tmp_path, cfg)
     out, table = tmp_path / "bench.json", tmp_path / "perf.md"
-    argv = ["--config", str(config), "--device", "cpu", "--warmup", "1", "--steps", "1", "--repeats", "2",
+    argv = ["--config", str(config), "--warmup", "1", "--steps", "1", "--repeats", "2",
             "--json", str(out), "--markdown", str(table), "--sweep", "data.augment_on=workers,device"]
     tool.main(argv)
     result = json.loads(out.read_text())
 
-    assert result["device"] == "cpu" and result["method"] == "simclr" and result["batch_size"] == 16
+    assert result["device"] in ("cpu", "cuda") and result["method"] == "simclr" and result["batch_size"] == 16
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     views = result["view_pipeline"]
     assert views["num_views"] == 2 and views["images"] == 16
@@ -49,7 +49,7 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
 
     # the markdown row is keyed by the run; running again replaces it instead of adding one
     rows = [line for line in table.read_text().splitlines() if line.startswith("| tiny")]
-    assert len(rows) == 1 and "(cpu, fp32)" in rows[0]
+    assert len(rows) == 1 and f"({result['device']}, " in rows[0]
     tool.write_markdown(table, result, None)
     tool.write_markdown(table, result, "other run")
     rows = [line for line in table.read_text().splitlines() if line.startswith("| ")]

@@ -66,9 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.device == "cpu":
+    if args.device == "cpu" and "torch" not in sys.modules:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     import torch
+
+    if args.device == "cpu" and torch.cuda.is_available():
+        sys.exit("--device cpu: torch was imported before the tool could hide the GPU; run the tool as its own process")
 
     from selfsup.config import ConfigError, load_config
 
