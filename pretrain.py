@@ -12,7 +12,9 @@ import sys
 
 from accelerate.utils import set_seed
 
-from selfsup.builders import build_backbone, build_labelled_pair, build_pretraining, in_chans, run_dir_for
+from selfsup.builders import (
+    build_backbone, build_batch_transform, build_labelled_pair, build_pretraining, in_chans, run_dir_for,
+)
 from selfsup.config import ConfigError, load_config, save_config
 from selfsup.data import BrokenImageError, ViewDataset
 from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     # build everything before any work, so a bad dataset path or backbone name fails fast
     method, train_set, info = build_pretraining(cfg)
     loader = make_loader(train_set, cfg.data, seed=cfg.train.seed)
+    batch_transform = build_batch_transform(cfg, method, info)  # None unless data.augment_on=device
     monitor = evaluate = None
     if cfg.eval.every_epochs or cfg.eval.at_end:
         monitor = build_monitor(cfg, accelerator.device)
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"[selfsup] run directory {run_dir}; world size {accelerator.num_processes}")
 
     try:
-        result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=evaluate)
+        result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=evaluate,
+                     batch_transform=batch_transform)
     except (TrainingInterrupted, NonFiniteLossError):
         accelerator.end_training()
         raise

@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from selfsup.backbones import create_backbone
-from selfsup.config import Config
+from selfsup.batched_views import BatchedViews, UInt8Images, build_batched_views
+from selfsup.config import Config, ConfigError
 from selfsup.data import DatasetInfo, ViewDataset, build_dataset, dataset_info
 from selfsup.methods import Method, build_method
 from selfsup.transforms import build_eval_transform, build_views
@@ -62,20 +63,20 @@ def check_input_size(backbone: nn.Module, image_size: int, channels: int) -> Non
 
 
 def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:
-    """The method around its backbone, and the training set yielding the method's views."""
+    """The method around its backbone, and the training set yielding the method's views
+    (or, with data.augment_on=device, uint8 images that `build_batch_transform` turns into views)."""
     method = build_method(cfg.method, build_backbone(cfg))
     info = dataset_info(cfg.data.dataset)
-    view_kwargs = dict(cfg.data.views)
-    if cfg.data.num_views is not None:
-        view_kwargs["num_views"] = cfg.data.num_views
-    views = build_views(
-        cfg.data.preset or method.views,
-        image_size=cfg.data.image_size,
-        mean=info.mean,
-        std=info.std,
-        in_chans=in_chans(cfg),
-        **view_kwargs,
-    )
+    if _augment_on_device(cfg):
+        if type(method).view_transform is not Method.view_transform:
+            raise ConfigError(
+                f"method {cfg.method.name!r} adds per-sample work to the data pipeline (view_transform), which "
+                "data.augment_on=device does not run; set data.augment_on=workers."
+            )
+        transform = UInt8Images(cfg.data.load_size or cfg.data.image_size, in_chans(cfg))
+    else:
+        views = build_views(cfg.data.preset or method.views, **_view_kwargs(cfg, info))
+        transform = method.view_transform(views)
     base = build_dataset(
         cfg.data.dataset,
         root=cfg.data.root,
@@ -87,7 +88,29 @@ def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:
         num_samples=cfg.data.num_samples,
         num_classes=cfg.data.num_classes,
     )
-    return method, ViewDataset(base, method.view_transform(views), seed=cfg.train.seed), info
+    return method, ViewDataset(base, transform, seed=cfg.train.seed), info
+
+
+def build_batch_transform(cfg: Config, method: Method, info: DatasetInfo) -> BatchedViews | None:
+    """With data.augment_on=device: the batched views `fit` applies on the training device (compiled
+    with train.compile); else None."""
+    if not _augment_on_device(cfg):
+        return None
+    views = build_batched_views(cfg.data.preset or method.views, **_view_kwargs(cfg, info))
+    return views.compile() if cfg.train.compile else views
+
+
+def _augment_on_device(cfg: Config) -> bool:
+    if cfg.data.augment_on not in ("workers", "device"):
+        raise ConfigError(f"data.augment_on must be 'workers' or 'device', got {cfg.data.augment_on!r}.")
+    return cfg.data.augment_on == "device"
+
+
+def _view_kwargs(cfg: Config, info: DatasetInfo) -> dict:
+    kwargs = dict(cfg.data.views)
+    if cfg.data.num_views is not None:
+        kwargs["num_views"] = cfg.data.num_views
+    return dict(image_size=cfg.data.image_size, mean=info.mean, std=info.std, in_chans=in_chans(cfg), **kwargs)
 
 
 def build_labelled_pair(

@@ -35,6 +35,8 @@ class DataConfig:
     preset: str | None = None  # view preset; None: the method's own (simclr, moco_v2, mae, ...)
     num_views: int | None = None  # None: the preset's default
     views: dict[str, Any] = field(default_factory=dict)  # view overrides: crop_scale, blur_p, ...
+    augment_on: str = "workers"  # workers: per-image torchvision in the DataLoader | device: batched on the training device
+    load_size: int | None = None  # augment_on=device: images travel as uint8 squares of this side (None: image_size)
     num_samples: int = 512  # synthetic only
     num_classes: int = 10  # synthetic only
 
@@ -57,6 +59,7 @@ class OptimConfig:
     min_lr: float = 0.0
     exclude_bias_and_norm: bool = True  # no weight decay on biases, norms, pos-embeds, cls tokens
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+    fused: bool = False  # torch's fused update kernels (sgd, adam, adamw; CUDA and CPU): fewer launches per step
 
 
 @dataclass
@@ -283,6 +286,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes (train.precision=no) as a boolean
+            return "yes" if value else "no"
         raise _type_error(key, value, tp)
     return value
 

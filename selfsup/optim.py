@@ -17,6 +17,9 @@ from torch import nn
 from selfsup.config import ConfigError, OptimConfig
 
 
+FUSED = ("sgd", "adam", "adamw")  # torch.optim classes with fused=True
+
+
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
     """The papers' rule: lr = base_lr x global_batch / 256 (linear; sqrt for LARS with small batches)."""
     if cfg.lr_scaling == "linear":
@@ -34,6 +37,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     name = cfg.name.lower()
     if name in ("adamw", "adam", "lamb", "nadamw", "adan"):
         kwargs["betas"] = tuple(cfg.betas)
+    if cfg.fused:
+        if name not in FUSED:
+            raise ConfigError(f"optim.fused=true needs an optimizer with fused kernels ({', '.join(FUSED)}), "
+                              f"not {cfg.name!r}; set optim.fused=false.")
+        kwargs["fused"] = True
     try:
         return create_optimizer_v2(
             model,

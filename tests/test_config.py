@@ -32,6 +32,7 @@ def test_overrides_apply_with_types(tmp_path):
     assert cfg.optim.betas == (0.9, 0.95)
     assert cfg.method.temperature == 0.3
     assert cfg.data.subset is None
+    assert load_config(path, ["train.precision=no"]).train.precision == "no"  # not YAML's boolean False
 
 
 @pytest.mark.parametrize(
