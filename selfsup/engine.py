@@ -188,7 +188,8 @@ def fit(
         while step < total_steps and (tcfg.max_steps or epoch < tcfg.epochs):
             # Accelerate's loaders re-apply their own epoch counter to the sampler at every iter();
             # set theirs too, so a resumed run (and its skip-loader) sees this epoch's order.
-            loader.set_epoch(epoch)
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
