@@ -135,7 +135,7 @@ class KNNMonitor:
         encoder = getattr(method, "encoder", method)
         train_f, train_y = extract_features(encoder, self.loaders[0], self.device, bf16=self.bf16)
         test_f, test_y = extract_features(encoder, self.loaders[1], self.device, bf16=self.bf16)
-        acc = knn_evaluate(train_f, train_y, test_f, test_y, k=self.k, temperature=self.temperature)
+        acc = knn_evaluate(train_f, train_y, test_f, test_y, k=self.k, temperature=self.temperature, device=self.device)
         return {f"knn_{name}": value for name, value in acc.items()}
 
 
