@@ -7,6 +7,7 @@ merge is an error that names the closest valid key, and each method declares its
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -231,13 +232,13 @@ _CONFIG_TYPES = {
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Nested dict with `top`'s values over `base`'s (mappings merged key by key)."""
-    out = dict(base)
+    """A new nested dict with `top`'s values over `base`'s (mappings merged key by key); neither is modified."""
+    out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 

@@ -110,3 +110,22 @@ def test_tools_refuse_to_resume_a_run_made_with_other_settings(folder, encoder_d
         finetune(args + ["--lr", "0.5"])
     with pytest.raises(SystemExit, match="does not exist"):
         finetune(["--encoder", str(tmp_path / "missing" / "encoder")] + common(folder, tmp_path))
+
+
+def test_settings_layer_recipe_under_file_under_overrides(tmp_path):
+    from selfsup.config import load_config
+
+    path = tmp_path / "eval.yaml"
+    path.write_text("optim: {lr: 0.5}\nfinetune: {mode: frozen}\n")
+    recipe = {"optim": {"name": "adamw", "lr": 1.0}, "train": {"epochs": 7}}
+    cfg = load_config(path, ["train.epochs=3"], defaults=recipe)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.train.epochs, cfg.finetune.mode) == ("adamw", 0.5, 3, "frozen")
+    assert load_config(None, [], defaults=recipe).train.epochs == 7
+
+
+@pytest.mark.parametrize("name", ["linear_probe_fmnist", "finetune_fmnist"])
+def test_shipped_eval_configs_load(name):
+    from selfsup.config import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    assert cfg.data.dataset == "fashion_mnist" and cfg.data.image_size == 28
