@@ -7,6 +7,7 @@ merge is an error that names the closest valid key, and each method declares its
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -98,6 +99,46 @@ class EvalConfig:
     random_init_baseline: bool = False  # at the end, also score the same backbone at random init
 
 
+FINETUNE_MODES = ("frozen", "full", "discriminative", "layer_decay")
+
+
+@dataclass
+class ProbeConfig:
+    """tools/linear_probe.py: a linear classifier on the frozen encoder (MoCo / MAE protocols)."""
+
+    cache_features: bool = True  # features computed once without augmentation; False: augmented images every epoch
+    batch_norm: bool = False  # MAE: a BatchNorm without affine parameters before the linear layer
+
+
+@dataclass
+class FinetuneConfig:
+    """tools/finetune.py: which weights train and at what rate, and the regularisers of the recipe."""
+
+    mode: str = "full"  # frozen | full | discriminative | layer_decay (the latter uses optim.layer_decay)
+    backbone_lr_scale: float = 0.1  # discriminative: backbone lr = head lr x this
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Mixup alpha (0: off)
+    cutmix: float = 0.0  # CutMix alpha (0: off)
+    drop_path_rate: float = 0.0  # stochastic depth of the backbone
+    ema_decay: float | None = None  # EMA of the weights (timm ModelEmaV3), evaluated alongside; e.g. 0.999
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINETUNE_MODES:
+            close = difflib.get_close_matches(self.mode, FINETUNE_MODES, n=1, cutoff=0.4)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"finetune.mode {self.mode!r} is not one of {', '.join(FINETUNE_MODES)}.{hint}")
+        if not 0.0 < self.backbone_lr_scale:
+            raise ConfigError(f"finetune.backbone_lr_scale must be > 0, got {self.backbone_lr_scale}; use --mode frozen for 0.")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(f"finetune.label_smoothing must be in [0, 1), got {self.label_smoothing}.")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError("finetune.mixup and finetune.cutmix are Beta alphas: 0 (off) or > 0.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"finetune.drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"finetune.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {self.ema_decay}.")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -106,14 +147,23 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     source: str | None = None  # the file it was loaded from (not a user key)
 
 
-SECTIONS = ("data", "backbone", "method", "optim", "train", "eval")
+SECTIONS = ("data", "backbone", "method", "optim", "train", "eval", "probe", "finetune")
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read YAML, apply `a.b=value` overrides, and validate every key and type."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> Config:
+    """Read YAML, apply `a.b=value` overrides, and validate every key and type.
+
+    `defaults` (a nested dict, e.g. a tool's own recipe) sits under the file: file and overrides win.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -122,6 +172,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}.")
+    if defaults:
+        raw = _merge(defaults, raw)
     for item in overrides:
         _apply_override(raw, item)
     cfg = from_dict(raw)
@@ -201,7 +253,20 @@ _CONFIG_TYPES = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "probe": ProbeConfig,
+    "finetune": FinetuneConfig,
 }
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A new nested dict with `top`'s values over `base`'s (mappings merged key by key); neither is modified."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def _check_keys(raw: dict[str, Any], valid: tuple[str, ...] | list[str], where: str) -> None:

@@ -1,21 +1,48 @@
-"""Frozen-encoder evaluation: feature extraction and the weighted kNN classifier.
+"""Frozen-encoder evaluation: feature extraction, the weighted kNN classifier and the linear probe.
 
 kNN follows Wu et al. 2018 (InstDisc), the protocol of the SSL tables: cosine similarity, the k
 nearest training features vote with weight exp(sim / T). Similarities are computed in blocks of
 test x train rows with a running top-k, so a 1M x 1k feature bank fits in memory.
+The linear probe (MoCo; MAE with a BatchNorm before the layer) trains on cached features through
+the same engine as pretraining and fine-tuning; `ClassifierEvaluator` scores any classifier.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from selfsup.config import Config
+from selfsup.engine import FitResult, fit, make_loader
+from selfsup.finetune import LinearHead, SupervisedTask
 
 
 @torch.no_grad()
+def _forward_all(
+    module: nn.Module, loader: DataLoader, device: torch.device | str, bf16: bool | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """module(x) for every batch of `loader` in eval mode: ([N, ...] float32 on CPU, [N] long)."""
+    was_training = module.training
+    module.eval()
+    device = torch.device(device)
+    outputs, labels = [], []
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16):
+            out = module(inputs)
+        outputs.append(out.float().cpu())
+        labels.append(torch.as_tensor(targets).cpu())
+    module.train(was_training)
+    return torch.cat(outputs), torch.cat(labels).long()
+
+
 def extract_features(
     encoder: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, bf16: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,18 +50,7 @@ def extract_features(
 
     bf16 autocast defaults to on for CUDA; pass bf16=True on CPUs with AMX (as training did).
     """
-    was_training = encoder.training
-    encoder.eval()
-    device = torch.device(device)
-    features, labels = [], []
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16):
-            out = encoder(images)
-        features.append(out.float().cpu())
-        labels.append(torch.as_tensor(targets).cpu())
-    encoder.train(was_training)
-    return torch.cat(features), torch.cat(labels).long()
+    return _forward_all(encoder, loader, device, bf16)
 
 
 @torch.no_grad()
@@ -48,30 +64,38 @@ def knn_predict(
     num_classes: int | None = None,
     test_block: int = 1024,
     train_block: int = 65536,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Class scores [M, num_classes] of the weighted kNN vote; train: [N, D], test: [M, D]."""
+    """Class scores [M, num_classes] of the weighted kNN vote; train: [N, D], test: [M, D].
+
+    Blocks of train rows are normalised and moved to `device` (default: the test features') on the fly,
+    and each block keeps only its own top-k, so memory is N x D once plus O(test_block x train_block).
+    """
     if train_features.shape[0] != train_labels.shape[0]:
         raise ValueError(f"{train_features.shape[0]} train features but {train_labels.shape[0]} labels")
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(f"feature sizes differ: train {train_features.shape[1]} vs test {test_features.shape[1]}")
+    device = torch.device(device) if device is not None else test_features.device
     num_classes = num_classes or int(train_labels.max()) + 1
     k = min(k, train_features.shape[0])
-    train = F.normalize(train_features.float(), dim=1)
-    test = F.normalize(test_features.float(), dim=1)
-    scores = torch.empty(test.shape[0], num_classes)
-    for start in range(0, test.shape[0], test_block):
-        q = test[start : start + test_block]  # [b, D]
-        best_sim = torch.full((q.shape[0], 0), float("-inf"))
-        best_idx = torch.zeros((q.shape[0], 0), dtype=torch.long)
-        for t0 in range(0, train.shape[0], train_block):
-            sim = q @ train[t0 : t0 + train_block].T  # [b, D] x [D, c] -> [b, c]
-            cand_sim = torch.cat([best_sim, sim], dim=1)
-            cand_idx = torch.cat([best_idx, torch.arange(t0, t0 + sim.shape[1]).expand(q.shape[0], -1)], dim=1)
+    labels = train_labels.to(device)
+    scores = torch.empty(test_features.shape[0], num_classes)
+    for start in range(0, test_features.shape[0], test_block):
+        q = F.normalize(test_features[start : start + test_block].to(device).float(), dim=1)  # [b, D]
+        best_sim = torch.empty(q.shape[0], 0, device=device)
+        best_idx = torch.empty(q.shape[0], 0, dtype=torch.long, device=device)
+        for t0 in range(0, train_features.shape[0], train_block):
+            bank = F.normalize(train_features[t0 : t0 + train_block].to(device).float(), dim=1)  # [c, D]
+            sim = q @ bank.T  # [b, D] x [D, c] -> [b, c]
+            block_sim, block_pos = sim.topk(min(k, sim.shape[1]), dim=1)  # [b, k]
+            cand_sim = torch.cat([best_sim, block_sim], dim=1)  # [b, <= 2k]
+            cand_idx = torch.cat([best_idx, block_pos + t0], dim=1)
             best_sim, pos = cand_sim.topk(min(k, cand_sim.shape[1]), dim=1)  # running top-k: [b, k]
             best_idx = cand_idx.gather(1, pos)
         weights = (best_sim / temperature).exp()  # [b, k]
-        votes = F.one_hot(train_labels[best_idx], num_classes).float()  # [b, k, classes]
-        scores[start : start + q.shape[0]] = (votes * weights.unsqueeze(-1)).sum(1)
+        votes = torch.zeros(q.shape[0], num_classes, device=device)
+        votes.scatter_add_(1, labels[best_idx], weights)  # sum of weights per class: [b, classes]
+        scores[start : start + q.shape[0]] = votes.cpu()
     return scores
 
 
@@ -86,10 +110,13 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 
 
 def knn_evaluate(
-    train_features, train_labels, test_features, test_labels, *, k: int = 200, temperature: float = 0.1
+    train_features, train_labels, test_features, test_labels, *, k: int = 200, temperature: float = 0.1,
+    num_classes: int | None = None, device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    scores = knn_predict(train_features, train_labels, test_features, k=k, temperature=temperature, num_classes=num_classes)
+    """kNN top-1 / top-5 (percent) of the test features against the train features."""
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_predict(train_features, train_labels, test_features, k=k, temperature=temperature,
+                         num_classes=num_classes, device=device)
     return topk_accuracy(scores, test_labels)
 
 
@@ -108,5 +135,87 @@ class KNNMonitor:
         encoder = getattr(method, "encoder", method)
         train_f, train_y = extract_features(encoder, self.loaders[0], self.device, bf16=self.bf16)
         test_f, test_y = extract_features(encoder, self.loaders[1], self.device, bf16=self.bf16)
-        acc = knn_evaluate(train_f, train_y, test_f, test_y, k=self.k, temperature=self.temperature)
+        acc = knn_evaluate(train_f, train_y, test_f, test_y, k=self.k, temperature=self.temperature, device=self.device)
         return {f"knn_{name}": value for name, value in acc.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# linear probe and classifier scoring
+
+
+class FeatureDataset(Dataset):
+    """Cached features [N, D] and labels [N], indexable by the engine sampler's (epoch, index) keys."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        if features.shape[0] != labels.shape[0]:
+            raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = key[1] if isinstance(key, (tuple, list)) else key
+        return self.features[index], self.labels[index]
+
+
+def evaluate_classifier(
+    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, bf16: bool | None = None
+) -> dict[str, float]:
+    """Top-1 / top-5 (percent) of `model`'s logits on `loader`, in eval mode."""
+    logits, labels = _forward_all(model, loader, device, bf16)
+    return topk_accuracy(logits, labels)
+
+
+class ClassifierEvaluator:
+    """The engine's `evaluate` callback for a SupervisedTask: its model's top-1/top-5, and its EMA's."""
+
+    def __init__(self, test_set: Dataset, *, batch_size: int = 256, num_workers: int = 0,
+                 device: torch.device | str = "cpu", bf16: bool | None = None) -> None:
+        self.loader = DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        self.device, self.bf16 = device, bf16
+
+    def __call__(self, task: nn.Module) -> dict[str, float]:
+        out = evaluate_classifier(task.model, self.loader, self.device, bf16=self.bf16)
+        if getattr(task, "ema", None) is not None:
+            ema = evaluate_classifier(task.ema.module, self.loader, self.device, bf16=self.bf16)
+            out.update({f"ema_{name}": value for name, value in ema.items()})
+        return out
+
+
+def linear_probe(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    test_labels: torch.Tensor,
+    cfg: Config,
+    accelerator: Accelerator,
+    *,
+    run_dir: str | Path,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Train a linear classifier on cached features with `engine.fit` (optim / train / data.batch_size of
+    `cfg`, BatchNorm first if cfg.probe.batch_norm); returns the final test top-1 / top-5.
+    """
+    num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
+    head = LinearHead(train_features.shape[1], num_classes, batch_norm=cfg.probe.batch_norm)
+    task = SupervisedTask(head, num_classes)
+    data_cfg = dataclasses.replace(cfg.data, num_workers=0)  # tensors in memory: workers only add overhead
+    loader = make_loader(FeatureDataset(train_features, train_labels), data_cfg, seed=cfg.train.seed)
+    evaluate = ClassifierEvaluator(TensorDataset(test_features, test_labels), batch_size=cfg.eval.batch_size,
+                                   device=accelerator.device)
+    if accelerator.is_main_process:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    result = fit(task, loader, cfg, accelerator, run_dir=run_dir, evaluate=evaluate)
+    return final_evaluation(result, task, evaluate, accelerator)
+
+
+def final_evaluation(result: FitResult, task: nn.Module, evaluate, accelerator: Accelerator) -> dict[str, Any]:
+    """The evaluation of the trained model: the engine's last one, or a fresh one when it ran none at the end."""
+    last = result.eval_history[-1] if result.eval_history else None
+    if last is not None and last.get("step") == result.steps:
+        return dict(last)
+    record: dict[str, Any] = {"step": result.steps, "epoch": result.epochs_completed}
+    if accelerator.is_main_process:
+        record.update(evaluate(task))  # prepare() moved this very module; its weights are the trained ones
+    return record

@@ -31,8 +31,11 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
     raise ConfigError(f"optim.lr_scaling must be linear, sqrt or none, got {cfg.lr_scaling!r}.")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
-    """timm optimizer over the trainable parameters; frozen ones (requires_grad=False) are left out."""
+def build_optimizer(model: nn.Module | list[dict], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """timm optimizer over the trainable parameters; frozen ones (requires_grad=False) are left out.
+
+    `model` may also be ready-made parameter groups (each with its weight_decay, maybe an lr_scale).
+    """
     kwargs = {}
     name = cfg.name.lower()
     if name in ("adamw", "adam", "lamb", "nadamw", "adan"):

@@ -62,6 +62,9 @@ VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyTy
         "mae": {"num_views": 1, "crop_scale": (0.2, 1.0)},
         # SimMIM (Xie et al. 2022): mild crops + flip.
         "simmim": {"num_views": 1, "crop_scale": (0.67, 1.0)},
+        # Linear probe with augmentation and fine-tuning (MoCo / MAE): crop + flip only, crops from
+        # 20% as MAE pretrains (the 8% of ImageNet recipes leaves too little of a 28-32 px image).
+        "finetune": {"num_views": 1, "crop_scale": (0.2, 1.0)},
     }.items()
 })
 

@@ -47,7 +47,7 @@ def test_shapes_dtypes_and_normalized_range(preset, in_chans):
                                 grayscale_p=0.5, blur_p=0.5, solarize_p=0.5)
     images, labels = _images(c=in_chans), torch.arange(8)
     out, same_labels = views((images, labels), generator=torch.Generator().manual_seed(0))
-    assert same_labels is labels and len(out) == views.num_views == (1 if preset in ("mae", "simmim") else 2)
+    assert same_labels is labels and len(out) == views.num_views == (1 if preset in ("mae", "simmim", "finetune") else 2)
     low = (0 - torch.tensor(mean)) / torch.tensor(std)
     high = (1 - torch.tensor(mean)) / torch.tensor(std)
     for x in out:

@@ -27,7 +27,7 @@ def _unnormalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
 @pytest.mark.parametrize("num_views", [None, 4])
 def test_presets_shapes_and_normalized_range(preset, num_views):
     views = build_views(preset, image_size=24, mean=MEAN, std=STD, num_views=num_views)
-    expected = num_views or (1 if preset in ("mae", "simmim") else 2)
+    expected = num_views or (1 if preset in ("mae", "simmim", "finetune") else 2)
     assert views.num_views == expected
     low = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
     high = (1 - torch.tensor(MEAN)) / torch.tensor(STD)

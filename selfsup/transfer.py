@@ -1,0 +1,219 @@
+"""What the evaluation tools (knn, linear_probe, finetune) share: their inputs, the encoder, the labelled
+sets, the run directory and the JSON result.
+
+`--encoder` is a path (an exported encoder directory, a pretraining run directory or a checkpoint
+directory; see export.load_encoder) or, for random-init baselines, a backbone name: a registered
+variant or any timm model (`resnet18_small`, `timm:resnet18`; the `timm:` prefix forces a name when a
+folder of that name exists), built with `backbone.kwargs` and seeded by `train.seed`.
+Settings layer up as: the tool's recipe < what the encoder records (its dataset and image size) <
+the `--config` file < the tool's flags < dotted overrides (`optim.lr=0.1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import Dataset
+
+from selfsup.backbones import create_backbone
+from selfsup.config import Config, ConfigError, load_config, save_config, to_dict
+from selfsup.data import ViewDataset, build_dataset, dataset_info
+from selfsup.engine import list_checkpoints
+from selfsup.export import load_encoder
+from selfsup.transforms import build_eval_transform, build_views
+
+NAME_PREFIX = "timm:"
+
+# (flag, dotted config key, argparse keywords): each flag is sugar for one override
+COMMON_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--dataset", "data.dataset", {"help": "labelled dataset, as in pretraining (default: the encoder's)"}),
+    ("--root", "data.root", {"help": "dataset directory; image_folder: one sub-folder per class (split folders train/ test/ optional)"}),
+    ("--image-size", "data.image_size", {"type": int, "help": "default: the encoder's pretraining size"}),
+    ("--max-train", "data.subset", {"type": int, "help": "a fixed random subset of the train split"}),
+    ("--max-test", "eval.max_test_samples", {"type": int, "help": "a fixed random subset of the test split"}),
+    ("--seed", "train.seed", {"type": int}),
+]
+
+
+def build_parser(description: str, flags: list[tuple[str, str, dict[str, Any]]]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", required=True,
+                        help="exported encoder dir, run dir or checkpoint dir; or a backbone name at random init "
+                             "(resnet18_small, timm:resnet18)")
+    parser.add_argument("--config", default=None, help="YAML with the usual sections (data, optim, train, eval, probe, finetune)")
+    for flag, key, kwargs in COMMON_FLAGS + flags:
+        parser.add_argument(flag, dest=_dest(flag), default=None, **{"help": f"= {key}", **kwargs})
+    parser.add_argument("--output-dir", default=None, help="run directory (default: train.output_dir/<tool>_<encoder>_<dataset>)")
+    parser.add_argument("--output", default=None, help="also write the JSON result here")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 train.epochs=20")
+    return parser
+
+
+@dataclass
+class ToolRun:
+    cfg: Config
+    encoder: nn.Module
+    meta: dict[str, Any]
+    in_chans: int
+    run_dir: Path
+    encoder_spec: str
+
+
+def setup(
+    args: argparse.Namespace, tool: str, defaults: dict[str, Any], flags: list,
+    name_suffix: Callable[[Config], str] = lambda cfg: "",
+) -> ToolRun:
+    """Config (recipe < encoder's record < file < flags < overrides), encoder and run directory of one tool run."""
+    path = _encoder_path(args.encoder)
+    encoder, meta = load_encoder(path) if path is not None else (None, {})
+    recorded = {k: v for k, v in meta.get("data", {}).items() if k in ("dataset", "image_size") and v is not None}
+    layered = {**defaults, "data": {**defaults.get("data", {}), **recorded}}
+    overrides = [f"{key}={json.dumps(value)}" for flag, key, _ in COMMON_FLAGS + flags
+                 if (value := getattr(args, _dest(flag))) is not None]
+    cfg = load_config(args.config, overrides + list(args.overrides), defaults=layered)
+    if encoder is None:
+        name = args.encoder[len(NAME_PREFIX):] if args.encoder.startswith(NAME_PREFIX) else args.encoder
+        set_seed(cfg.train.seed)
+        try:
+            encoder = create_backbone(name, **cfg.backbone.kwargs)
+        except ValueError as e:
+            raise ConfigError(f"--encoder {args.encoder!r} is not an existing path, so it names a backbone at random init: {e}") from e
+        meta = {"backbone": {"name": name, "kwargs": dict(cfg.backbone.kwargs)}, "random_init": True}
+    in_chans = int(meta.get("data", {}).get("in_chans") or encoder.backbone_kwargs.get("in_chans", 3))
+    if args.output_dir:
+        run_dir = Path(args.output_dir)
+    else:
+        run_name = cfg.train.run_name or f"{tool}_{_encoder_tag(args.encoder, path)}_{cfg.data.dataset}{name_suffix(cfg)}"
+        run_dir = Path(cfg.train.output_dir) / run_name
+    return ToolRun(cfg, encoder, meta, in_chans, run_dir, str(path.resolve()) if path is not None else args.encoder)
+
+
+def labelled_sets(run: ToolRun, *, augment: bool) -> tuple[Dataset, Dataset, int]:
+    """(train, test, classes): train split = data.split / data.subset, test = eval.test_split / eval.max_test_samples.
+
+    The train set yields the `finetune` view preset (data.preset / data.views override it) when
+    `augment`, else the deterministic eval transform the test set always uses.
+    """
+    cfg = run.cfg
+    info = dataset_info(cfg.data.dataset)
+    size = cfg.data.image_size
+    eval_transform = build_eval_transform(image_size=size, mean=info.mean, std=info.std, in_chans=run.in_chans)
+    train_transform = eval_transform
+    if augment:
+        view_kwargs = dict(cfg.data.views)
+        train_transform = build_views(cfg.data.preset or "finetune", image_size=size, mean=info.mean, std=info.std,
+                                      in_chans=run.in_chans, num_views=1, **view_kwargs)
+    common = dict(root=cfg.data.root, download=cfg.data.download, seed=cfg.train.seed, image_size=size,
+                  num_samples=cfg.data.num_samples, num_classes=cfg.data.num_classes)
+    train = build_dataset(cfg.data.dataset, split=cfg.data.split, subset=cfg.data.subset, **common)
+    test = build_dataset(cfg.data.dataset, split=cfg.eval.test_split, subset=cfg.eval.max_test_samples, **common)
+    num_classes = getattr(train, "num_classes", None)
+    if not num_classes:
+        raise ConfigError(
+            f"{cfg.data.dataset} split {cfg.data.split!r} has no labels here; evaluation needs a labelled set "
+            "(image_folder: one sub-folder per class under --root)."
+        )
+    if getattr(train, "classes", None) is not None and getattr(test, "classes", None) not in (None, train.classes):
+        raise ConfigError(f"train classes {train.classes} and test classes {test.classes} differ; give both splits the same class folders.")
+    return ViewDataset(train, train_transform, seed=cfg.train.seed), ViewDataset(test, eval_transform, seed=cfg.train.seed), num_classes
+
+
+def prepare_run_dir(run: ToolRun, tool: str, is_main: bool) -> None:
+    """Record the run's inputs; refuse to resume (train.resume=auto) a run made with other inputs."""
+    identity = {"tool": tool, "encoder": run.encoder_spec, "config": yaml.safe_load(yaml.safe_dump(to_dict(run.cfg)))}
+    record = run.run_dir / "run.json"
+    if run.cfg.train.resume == "auto" and list_checkpoints(run.run_dir / "checkpoints") and record.is_file():
+        previous = json.loads(record.read_text())
+        changed = sorted(_flatten(previous).items() ^ _flatten(identity).items())
+        if changed:
+            keys = sorted({k for k, _ in changed})
+            raise ConfigError(
+                f"{run.run_dir} holds a run made with other settings ({', '.join(keys[:6])}); resuming it would "
+                "report that run. Pass --output-dir (or train.run_name) for a new run, or train.resume=never to redo it."
+            )
+    if is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(identity, indent=2))
+        save_config(run.cfg, run.run_dir / "config.yaml")
+
+
+def finish(run: ToolRun, tool: str, metrics: dict[str, Any], extra: dict[str, Any], output: str | None) -> dict[str, Any]:
+    """Write result.json in the run directory (and `output`), print it as the final JSON line."""
+    result = {
+        "tool": tool,
+        "top1": metrics.get("top1"),
+        "top5": metrics.get("top5"),
+        **{k: v for k, v in metrics.items() if k not in ("top1", "top5", "step", "epoch")},
+        **extra,
+        "encoder": run.encoder_spec,
+        "random_init": bool(run.meta.get("random_init", False)),
+        "dataset": run.cfg.data.dataset,
+        "run_dir": str(run.run_dir),
+    }
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2)
+    (run.run_dir / "result.json").write_text(text)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def exit_on_user_error(main):
+    """Run a tool's main; a config or input mistake exits with its message instead of a traceback."""
+    from selfsup.export import EncoderLoadError
+
+    def wrapped(argv: list[str] | None = None):
+        try:
+            return main(argv)
+        except (ConfigError, EncoderLoadError, FileNotFoundError) as e:
+            sys.exit(f"error: {e}")
+
+    return wrapped
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def _encoder_path(spec: str) -> Path | None:
+    """The path `spec` names, or None when it is a backbone name."""
+    if spec.startswith(NAME_PREFIX):
+        return None
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if "/" in spec or spec.startswith("."):
+        raise FileNotFoundError(f"--encoder {spec!r} does not exist; pass RUN/encoder, a run or checkpoint directory, or a backbone name.")
+    return None
+
+
+def _encoder_tag(spec: str, path: Path | None) -> str:
+    """A short name for run directories: the run's name for RUN/encoder, `<name>_random` for a backbone name."""
+    if path is None:
+        return spec.removeprefix(NAME_PREFIX).replace("/", "_") + "_random"
+    path = path.resolve()
+    if path.name == "encoder" or path.parent.name == "checkpoints":
+        return path.parent.name if path.name == "encoder" else f"{path.parent.parent.name}_{path.name}"
+    return path.name
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        out: dict[str, str] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: json.dumps(node)}
