@@ -100,7 +100,15 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         drop_last=drop_last,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Schedulers (SLURM, `timeout`, k8s) send SIGTERM to the whole process group; a worker that died of it
+    would break the checkpoint the main process is writing. Workers leave stopping to the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def fit(

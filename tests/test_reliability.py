@@ -33,6 +33,7 @@ def run_cli(config: Path, *overrides: str, sleep: float = 0.0) -> subprocess.Pop
     return subprocess.Popen(
         [sys.executable, str(ROOT / "pretrain.py"), "--config", str(config), *overrides],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as under a scheduler
     )
 
 
@@ -94,13 +95,19 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, straight_run):
     assert_same_weights(final_weights(run_dir), straight_run[1])
 
 
-def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(tmp_path, straight_run):
-    cfg = tiny_config_dict(tmp_path, method=SLOW, train={"max_steps": 14, "checkpoint_every_steps": 100, "run_name": "run"})
+@pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)])
+def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(tmp_path, straight_run, workers, whole_group):
+    """SIGTERM to the main process, or (as SLURM / `timeout` do) to the whole group, DataLoader workers included."""
+    cfg = tiny_config_dict(tmp_path, method=SLOW, data={"num_workers": workers},
+                           train={"max_steps": 14, "checkpoint_every_steps": 100, "run_name": "run"})
     config = write_config(tmp_path, cfg)
     run_dir = tmp_path / "runs" / "run"
     proc = run_cli(config, sleep=0.3)
     wait_for_step(proc, run_dir, 3)
-    proc.send_signal(signal.SIGTERM)
+    if whole_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 143, out
     saved = list_checkpoints(run_dir / "checkpoints")
