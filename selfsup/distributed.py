@@ -21,7 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "gather_with_grad", "gather_no_grad", "all_reduce_mean"]
+__all__ = [
+    "is_distributed", "world_size", "rank", "gather_with_grad", "gather_no_grad", "all_reduce_mean",
+    "shuffle_batch", "unshuffle_batch",
+]
 
 
 def is_distributed() -> bool:
@@ -98,6 +101,41 @@ def gather_no_grad(x: Tensor) -> Tensor:
     if not is_distributed():
         return x.detach()
     return _all_gather_rows(x.detach())  # x: [N, ...] -> [W*N, ...]
+
+
+@torch.no_grad()
+def shuffle_batch(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Shuffle-BN (He et al. 2020, MoCo Sec. 3.3): this process's share of a random permutation of the global batch.
+
+    Per-process BatchNorm would otherwise normalise a key with statistics of the very samples whose
+    queries share that process, which leaks the positive pair. Returns `(x_shuffled, permutation)`:
+    `x: [N, ...] -> [N, ...]` rows `permutation[r*N:(r+1)*N]` of the gathered `[W*N, ...]` batch, and
+    the permutation `[W*N]` (the same on every rank, drawn on rank 0) for `unshuffle_batch`. Detached.
+    At world size 1 it returns `(x, None)`: one process's BN already sees the whole batch.
+    """
+    if not is_distributed():
+        return x, None
+    n, r = x.shape[0], dist.get_rank()
+    x_all = _all_gather_rows(x.detach())  # [N, ...] -> [W*N, ...]
+    # Every rank draws (keeping RNG streams in step), rank 0's draw wins.
+    permutation = torch.randperm(x_all.shape[0], device=x.device)  # [W*N]
+    dist.broadcast(permutation, src=0)
+    return x_all[permutation[r * n : (r + 1) * n]], permutation  # [N, ...], [W*N]
+
+
+@torch.no_grad()
+def unshuffle_batch(y: Tensor, permutation: Tensor | None) -> Tensor:
+    """Inverse of `shuffle_batch` on its outputs: row i of the result belongs to local sample i again.
+
+    `y: [N, ...]` computed from the shuffled batch -> `[N, ...]` in the original order; detached.
+    The identity when `permutation` is None (world size 1).
+    """
+    if permutation is None:
+        return y
+    n, r = y.shape[0], dist.get_rank()
+    y_all = _all_gather_rows(y.detach())  # [N, ...] -> [W*N, ...], row j holds sample permutation[j]
+    inverse = torch.argsort(permutation)  # [W*N]: inverse[permutation[j]] = j
+    return y_all[inverse[r * n : (r + 1) * n]]  # [N, ...]
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
-"""A SimCLR that raises at a chosen forward call: simulates a run killed mid-training.
+"""Methods that raise at a chosen forward call: simulate a run killed mid-training.
 
 Also exercises the `module:Class` route for methods defined outside the package.
 """
 
+from selfsup.methods.moco import MoCo
 from selfsup.methods.simclr import SimCLR
 
 CRASH_AT_CALL: int | None = None  # set by the test; None disables the crash
@@ -13,12 +14,22 @@ class SimulatedKill(RuntimeError):
     pass
 
 
+def _count_and_maybe_crash() -> None:
+    global _calls
+    _calls += 1
+    if CRASH_AT_CALL is not None and _calls >= CRASH_AT_CALL:
+        raise SimulatedKill(f"simulated kill at forward call {_calls}")
+
+
 class CrashingSimCLR(SimCLR):
     def forward(self, batch):
-        global _calls
-        _calls += 1
-        if CRASH_AT_CALL is not None and _calls >= CRASH_AT_CALL:
-            raise SimulatedKill(f"simulated kill at forward call {_calls}")
+        _count_and_maybe_crash()
+        return super().forward(batch)
+
+
+class CrashingMoCo(MoCo):
+    def forward(self, batch):
+        _count_and_maybe_crash()
         return super().forward(batch)
 
 

@@ -40,6 +40,8 @@ def _launch(script: Path, args: tuple[str, ...], nprocs: int, timeout: float) ->
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
     env["OMP_NUM_THREADS"] = "1"  # 2 processes on 2 cores: no thread oversubscription
+    # The workers must import this checkout's selfsup, not another one installed in editable mode.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 

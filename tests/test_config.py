@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -76,3 +78,26 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "resolved.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert again.optim.lr == 0.5 and again.data.views == {"flip_p": 0.0}
+
+
+@pytest.mark.parametrize(
+    "method, owner",
+    [({"name": "simclr", "queue_size": 4096, "variant": "v2"}, "moco"),
+     ({"name": "simclr", "mask_ratio": 0.75, "norm_pix_loss": True}, "mae")],
+)
+def test_keys_of_another_method_name_that_method(tmp_path, method, owner):
+    """A config written for one method but run with another's name says which method it belongs to."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, {"method": method}))
+    assert f"looks like a config for method {owner}" in str(err.value) and "method.name" in str(err.value)
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads(path):
+    """Each file in configs/ passes validation as shipped (a renamed key would break it here, not in a run)."""
+    cfg = load_config(path)
+    stem = path.stem
+    assert cfg.method.name in stem or cfg.method.name == "simclr", (stem, cfg.method.name)

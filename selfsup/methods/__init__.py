@@ -12,6 +12,7 @@ BUILTIN_METHODS = {
     "simclr": "selfsup.methods.simclr:SimCLR",
     "mae": "selfsup.methods.mae:MAE",
     "simmim": "selfsup.methods.simmim:SimMIM",
+    "moco": "selfsup.methods.moco:MoCo",
 }
 
 

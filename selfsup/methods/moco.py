@@ -1,0 +1,232 @@
+"""MoCo v2 (He et al. 2020; Chen et al. 2020, "Improved Baselines") and v3 (Chen, Xie, He 2021).
+
+Both: a query encoder f_q (backbone + MLP projector g_q) trained by gradient, and a key encoder
+f_k / g_k of the same architecture that only follows it, `theta_k <- m theta_k + (1 - m) theta_q`
+after every optimizer step (`selfsup.momentum`), never receiving gradients.
+- v2 (`method.variant: v2`, Alg. 1 of MoCo): each query's positive is the key of its other view,
+  its negatives are a queue of K keys from earlier steps; after the loss the keys of *all*
+  processes are enqueued, so the queue is identical on every rank. Optionally symmetrised.
+- v3 (`method.variant: v3`, Alg. 1 of MoCo v3): no queue; a prediction MLP on the query branch,
+  the keys of the whole global batch as negatives, a symmetric loss scaled by 2 tau, and m
+  following a cosine schedule to 1. For ViTs the patch embedding stays at its random init
+  ("random patch projection", Sec. 4.2), which steadies training.
+
+BatchNorm and the positive pair: with per-process BN, a query and its key are normalised with
+statistics of the same few samples, a signal the model can exploit to find its positive (MoCo
+Sec. 3.3). Which remedy is used when:
+- `shuffle_bn: true` (default, both variants): the key encoder's input batch is shuffled across
+  processes and its outputs unshuffled (`distributed.shuffle_batch`). At world size 1 this is a
+  no-op: the one process's BN sees the whole batch (SimCLR's "global BN"), so there is no
+  per-process subset to leak through and nothing is needed.
+- `sync_bn: true`: every BN becomes SyncBatchNorm (statistics over the global batch, as the
+  MoCo v3 code does); shuffling is then skipped. torch supports SyncBN on GPUs only; at world
+  size 1 it acts as plain BN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup import distributed
+from selfsup.config import ConfigError
+from selfsup.heads import mlp
+from selfsup.losses import info_nce
+from selfsup.methods.base import Method, StepOutput
+from selfsup.momentum import cosine_momentum, momentum_copy, momentum_update
+
+QUEUE_SEED = 0  # the initial random queue is drawn from a fixed generator: the same on every rank, no broadcast
+
+
+@dataclass
+class MoCoConfig:
+    name: str = "moco"
+    variant: str = "v2"  # v2: queue of negatives | v3: global-batch negatives + predictor
+    temperature: float = 0.2  # tau (v2 paper 0.2; v3 0.2 for ViT, 1.0 for ResNet)
+    momentum: float = 0.99  # m, or m0 of the cosine schedule
+    momentum_schedule: str | None = None  # constant | cosine (m0 -> 1); None: v2 constant, v3 cosine
+    queue_size: int = 4096  # K (v2 only); a multiple of the global batch; the paper uses 65536
+    symmetric: bool | None = None  # v2: symmetrised loss ("MoCo v2+"); None: v2 false, v3 true (always)
+    shuffle_bn: bool = True  # shuffle the key batch across processes (a no-op on one process)
+    sync_bn: bool = False  # SyncBatchNorm everywhere instead of shuffle-BN (GPU only)
+    proj_hidden_dim: int = 2048
+    proj_out_dim: int = 128
+    proj_layers: int | None = None  # None: 2 (v2; v3 ResNet), 3 (v3 ViT)
+    proj_batch_norm: bool | None = None  # BN after hidden layers; None: v2 false (paper's MLP), v3 true
+    proj_last_batch_norm: bool | None = None  # BN (no affine) on the output; None: v2 false, v3 true
+    pred_hidden_dim: int = 4096  # v3 predictor: 2 layers, proj_out_dim -> pred_hidden_dim -> proj_out_dim
+    random_patch_projection: bool | None = None  # freeze the ViT patch embedding; None: true for v3 ViTs
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("v2", "v3"):
+            raise ConfigError(f"method.variant must be v2 or v3, got {self.variant!r}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"method.temperature must be > 0, got {self.temperature}.")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ConfigError(f"method.momentum must lie in [0, 1] (typically 0.99-0.999), got {self.momentum}.")
+        if self.momentum_schedule not in (None, "constant", "cosine"):
+            raise ConfigError(f"method.momentum_schedule must be constant or cosine, got {self.momentum_schedule!r}.")
+        if self.queue_size < 1:
+            raise ConfigError(f"method.queue_size must be positive, got {self.queue_size}.")
+        if self.variant == "v3" and self.symmetric is False:
+            raise ConfigError("MoCo v3's loss is symmetric by definition; drop method.symmetric=false or use variant v2.")
+
+
+def _resolve(cfg: MoCoConfig, backbone: nn.Module) -> MoCoConfig:
+    """Fill the variant-dependent defaults (None) so `self.cfg` states what actually runs."""
+    v3 = cfg.variant == "v3"
+    vit = getattr(backbone, "patch_embed", None) is not None
+
+    def pick(value, default):
+        return default if value is None else value
+
+    return dataclasses.replace(
+        cfg,
+        momentum_schedule=pick(cfg.momentum_schedule, "cosine" if v3 else "constant"),
+        symmetric=pick(cfg.symmetric, v3),
+        proj_layers=pick(cfg.proj_layers, 3 if v3 and vit else 2),
+        proj_batch_norm=pick(cfg.proj_batch_norm, v3),
+        proj_last_batch_norm=pick(cfg.proj_last_batch_norm, v3),
+        random_patch_projection=pick(cfg.random_patch_projection, v3 and vit),
+    )
+
+
+def freeze_patch_embedding(backbone: nn.Module) -> None:
+    """Random patch projection (MoCo v3 Sec. 4.2): the patch embedding keeps its random init.
+
+    requires_grad=False, so the optimizer (built from trainable parameters) leaves it out.
+    """
+    patch_embed = getattr(backbone, "patch_embed", None)
+    if patch_embed is None:
+        raise ConfigError(
+            f"method.random_patch_projection needs a ViT backbone (one with a patch_embed); "
+            f"{getattr(backbone, 'backbone_name', type(backbone).__name__)!r} has none. Set it to false."
+        )
+    patch_embed.requires_grad_(False)
+
+
+class MoCo(Method):
+    views = "moco_v2"  # the instance sets moco_v3 for variant v3
+    Config = MoCoConfig
+
+    def __init__(self, backbone: nn.Module, cfg: MoCoConfig):
+        super().__init__()
+        cfg = _resolve(cfg, backbone)
+        self.cfg = cfg
+        self.v3 = cfg.variant == "v3"
+        self.views = "moco_v3" if self.v3 else "moco_v2"
+        if cfg.random_patch_projection:
+            freeze_patch_embedding(backbone)
+
+        self.encoder = backbone  # f_q (exported)
+        self.projector = mlp(  # g_q
+            backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.proj_layers,
+            batch_norm=cfg.proj_batch_norm, last_batch_norm=cfg.proj_last_batch_norm,
+        )
+        # v3's prediction head q = h(g_q(f_q(x))): BN in the hidden layer, none on the output
+        self.predictor = mlp(cfg.proj_out_dim, cfg.pred_hidden_dim, cfg.proj_out_dim, 2) if self.v3 else None
+        if cfg.sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)  # swaps BN children in place; self is no BN
+        self.momentum_encoder = momentum_copy(self.encoder)  # f_k = f_q at step 0, never exported
+        self.momentum_projector = momentum_copy(self.projector)  # g_k
+
+        if not self.v3:
+            g = torch.Generator().manual_seed(QUEUE_SEED)
+            queue = F.normalize(torch.randn(cfg.queue_size, cfg.proj_out_dim, generator=g), dim=1)  # [K, D]
+            self.register_buffer("queue", queue)  # saved in checkpoints with the model
+            self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # next row to overwrite
+            # Kept equal on every rank by construction (all keys enqueued everywhere); DDP need not
+            # re-broadcast K x C floats from rank 0 at each forward.
+            self._ddp_params_and_buffers_to_ignore = ["queue", "queue_ptr"]
+
+    # -- the two branches -------------------------------------------------------------------------
+
+    def query(self, x: Tensor) -> Tensor:
+        """q = g_q(f_q(x)) (v3: h(g_q(f_q(x)))); `info_nce` L2-normalises it. x: [N, C, H, W] -> [N, D]."""
+        z = self.projector(self.encoder(x))
+        return self.predictor(z) if self.predictor is not None else z
+
+    @torch.no_grad()
+    def keys(self, x: Tensor) -> Tensor:
+        """k = normalize(g_k(f_k(x))), the key batch shuffled across processes for BN. [N, C, H, W] -> [N, D]."""
+        permutation = None
+        if self.cfg.shuffle_bn and not self.cfg.sync_bn:
+            x, permutation = distributed.shuffle_batch(x)
+        k = self.momentum_projector(self.momentum_encoder(x))  # [N, D], rows in shuffled order
+        k = distributed.unshuffle_batch(k, permutation)  # [N, D], rows back in local order
+        return F.normalize(k.to(torch.promote_types(k.dtype, torch.float32)), dim=1)
+
+    # -- training step ----------------------------------------------------------------------------
+
+    def forward(self, batch) -> StepOutput:
+        views, _ = batch
+        if len(views) != 2:
+            raise ValueError(f"MoCo trains on exactly 2 views per image, got {len(views)}; set data.num_views=2.")
+        x1, x2 = views
+        loss = self._forward_v3(x1, x2) if self.v3 else self._forward_v2(x1, x2)
+        return StepOutput(loss, {})
+
+    def _forward_v2(self, x1: Tensor, x2: Tensor) -> Tensor:
+        tau = self.cfg.temperature
+        q1, k2 = self.query(x1), self.keys(x2)  # [N, D] each
+        # Snapshot of the queue: it is overwritten in place below, while backward still needs it.
+        negatives = self.queue.clone()  # [K, D]
+        # logits [q.k+, q.queue] / tau: [N, 1 + K], the positive in column 0 (MoCo Eq. 1)
+        loss = info_nce(q1, k2, negatives, temperature=tau)
+        if self.cfg.symmetric:  # both views serve as query once; mean keeps the scale of one term
+            q2, k1 = self.query(x2), self.keys(x1)
+            loss = (loss + info_nce(q2, k1, negatives, temperature=tau)) / 2
+        if self.training:  # after the loss: this batch's keys are never negatives of themselves
+            self._dequeue_and_enqueue(k2)
+        return loss
+
+    def _forward_v3(self, x1: Tensor, x2: Tensor) -> Tensor:
+        q1, q2 = self.query(x1), self.query(x2)  # [N, D] each, separate BN batches as in the paper
+        k1, k2 = self.keys(x1), self.keys(x2)  # [N, D] each
+        return self._global_batch_loss(q1, k2) + self._global_batch_loss(q2, k1)
+
+    def _global_batch_loss(self, q: Tensor, k: Tensor) -> Tensor:
+        """ctr(q, k) of MoCo v3 Alg. 1: keys of every process are the candidates, scaled by 2 tau."""
+        n, tau = q.shape[0], self.cfg.temperature
+        # Keys come from the momentum encoder and carry no gradient, so the plain gather suffices.
+        k_all = distributed.gather_no_grad(k)  # [N, D] -> [W*N, D]
+        positive_index = distributed.rank() * n + torch.arange(n, device=q.device)  # [N]
+        return info_nce(q, k_all, temperature=tau, positive_index=positive_index) * (2 * tau)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, k: Tensor) -> None:
+        """Write the keys of all processes, in rank order, over the oldest rows of the queue."""
+        k_all = distributed.gather_no_grad(k)  # [N, D] -> [W*N, D]
+        size, step_keys = self.queue.shape[0], k_all.shape[0]
+        if size % step_keys:
+            raise ConfigError(
+                f"method.queue_size={size} must be a multiple of the keys enqueued per step, "
+                f"data.batch_size {k.shape[0]} x {step_keys // k.shape[0]} processes = {step_keys}; "
+                f"e.g. method.queue_size={max(1, size // step_keys) * step_keys}, or change data.batch_size."
+            )
+        rows = (self.queue_ptr + torch.arange(step_keys, device=k_all.device)) % size  # [W*N], no host sync
+        # Keys of a diverged step (skipped by train.skip_nonfinite) must not poison every later loss:
+        # then the queue and pointer stay as they were. A device-side choice, again no host sync.
+        finite = torch.isfinite(k_all).all()  # [] bool
+        new_rows = torch.where(finite, k_all.to(self.queue.dtype), self.queue[rows])  # [W*N, D]
+        self.queue.index_copy_(0, rows, new_rows)  # queue: [K, D]
+        self.queue_ptr.add_(finite.long() * step_keys).remainder_(size)
+
+    # -- after each optimizer step ----------------------------------------------------------------
+
+    def momentum_at(self, progress: float) -> float:
+        if self.cfg.momentum_schedule == "cosine":
+            return cosine_momentum(progress, self.cfg.momentum)
+        return self.cfg.momentum
+
+    def after_step(self, progress: float) -> None:
+        # Buffers (the key BN's running stats) are averaged too; in train mode BN uses batch
+        # statistics, so for MoCo the policy never changes a loss (see selfsup.momentum).
+        momentum_update(
+            [self.encoder, self.projector], [self.momentum_encoder, self.momentum_projector],
+            self.momentum_at(progress), buffers="average",
+        )
