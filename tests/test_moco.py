@@ -291,3 +291,15 @@ def test_resumed_run_ends_with_the_same_queue_and_momentum_encoder(tmp_path) -> 
     assert any(k.startswith("momentum_encoder.") for k in final[0]) and set(final[0]) == set(final[1])
     for name, value in final[0].items():
         assert torch.equal(value, final[1][name]), name
+
+
+@pytest.mark.parametrize("variant, symmetric", [("v2", False), ("v2", True), ("v3", None)])
+def test_backbone_passes_name_the_views_each_encoder_sees(variant: str, symmetric) -> None:
+    """What tools/benchmark.py times as the bare backbone: queries with backward, keys forward only."""
+    extra = {} if symmetric is None else {"symmetric": symmetric}
+    model = MoCo(create_backbone("resnet18_small"), MoCoConfig(variant=variant, **extra))
+    x1, x2 = torch.zeros(1), torch.ones(1)
+    trained, frozen = model.backbone_passes([x1, x2])
+    both = variant == "v3" or symmetric
+    assert [t is x1 for t in trained] == ([True, False] if both else [True])
+    assert [t is x2 for t in frozen] == ([False, True] if both else [True])

@@ -10,8 +10,9 @@ windows of `--steps` after `--warmup`:
   and the batched views of selfsup.batched_views on CPU (and on the device when it is a GPU);
 - step: the real `engine.fit` on batches already in memory on the device (views, or uint8 images
   plus the on-device views when data.augment_on=device);
-- bare: the backbone's forward + backward alone on the same views, same precision/layout/compile, in
-  windows alternating with the step's (same load on a shared machine);
+- bare: the backbone's own passes alone on the same views (`Method.backbone_passes`: forward + backward,
+  and forward-only where the method has a momentum encoder), same precision/layout/compile, in windows
+  alternating with the step's (same load on a shared machine);
 - method_overhead = step time / bare time (everything that is not the backbone), median of adjacent pairs;
 - end_to_end: `engine.fit` with the real DataLoader (data.num_workers workers);
 - peak memory (CUDA: max allocated in the step and end-to-end runs; CPU: the process's peak RSS).
@@ -320,7 +321,9 @@ def _device_batches(loader, device, count: int = 2) -> list:
 
 
 def _bare_step(cfg, method, batch, transform, accelerator):
-    """forward + backward of a copy of the backbone on all views of `batch`, as `fit` runs the method."""
+    """The backbone passes of one step of the method (`Method.backbone_passes`) on a copy of its backbone:
+    forward + backward on the trained views, forward without gradient on the others (e.g. MoCo's keys).
+    """
     import copy
 
     import torch
@@ -328,7 +331,9 @@ def _bare_step(cfg, method, batch, transform, accelerator):
     if transform is not None:  # uint8 images -> the views the method would see
         batch = transform(batch, generator=torch.Generator(device=accelerator.device).manual_seed(0))
     views = batch[0]
-    x = torch.cat(views) if isinstance(views, (list, tuple)) else views  # [V*B, C, H, W]
+    trained, frozen = method.backbone_passes(list(views) if isinstance(views, (list, tuple)) else [views])
+    x = torch.cat(trained)  # [V*B, C, H, W]
+    x_frozen = torch.cat(frozen) if frozen else None  # [V'*B, C, H, W]
     backbone = copy.deepcopy(method.encoder).to(accelerator.device).train()
     if cfg.train.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -337,11 +342,14 @@ def _bare_step(cfg, method, batch, transform, accelerator):
 
     def step() -> None:
         with accelerator.autocast():
+            if x_frozen is not None:
+                with torch.no_grad():
+                    backbone(x_frozen)
             loss = backbone(x).float().mean()
         loss.backward()
         backbone.zero_grad(set_to_none=True)
 
-    step.views = int(x.shape[0])
+    step.views = int(x.shape[0]) + (0 if x_frozen is None else int(x_frozen.shape[0]))
     return step
 
 

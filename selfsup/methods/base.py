@@ -37,6 +37,14 @@ class Method(nn.Module):
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step with progress = step / total_steps in [0, 1]."""
 
+    def backbone_passes(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The backbone work one step of this method makes: (views forwarded with backward, views
+        forwarded without gradient, e.g. through a momentum encoder). tools/benchmark.py times the bare
+        backbone on exactly these, so `step / bare` is the cost of everything that is not the backbone.
+        Default: every view, with backward.
+        """
+        return list(views), []
+
     def view_transform(self, transform: Callable) -> Callable:
         """Lets a method add per-sample work to the data pipeline (e.g. SimMIM's mask); default: none."""
         return transform

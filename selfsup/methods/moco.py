@@ -216,6 +216,12 @@ class MoCo(Method):
         self.queue.index_copy_(0, rows, new_rows)  # queue: [K, D]
         self.queue_ptr.add_(finite.long() * step_keys).remainder_(size)
 
+    def backbone_passes(self, views: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        x1, x2 = views
+        if self.v3 or self.cfg.symmetric:  # both views as queries, both through the key encoder
+            return [x1, x2], [x1, x2]
+        return [x1], [x2]  # query x1 with backward, key x2 forward only
+
     # -- after each optimizer step ----------------------------------------------------------------
 
     def momentum_at(self, progress: float) -> float:
