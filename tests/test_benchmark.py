@@ -49,8 +49,9 @@ def test_benchmark_writes_json_and_markdown(tmp_path):
 
     # the markdown row is keyed by the run; running again replaces it instead of adding one
     rows = [line for line in table.read_text().splitlines() if line.startswith("| tiny")]
-    assert len(rows) == 1 and f"({result['device']}, " in rows[0]
+    assert len(rows) == 1 + 2 and all(f"({result['device']}, " in row for row in rows)  # the run + one per swept value
+    assert [row.split(" (")[0] for row in rows[1:]] == [f"| tiny {o}" for o in ("data.augment_on=workers", "data.augment_on=device")]
     tool.write_markdown(table, result, None)
     tool.write_markdown(table, result, "other run")
     rows = [line for line in table.read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2  # the header and two runs
+    assert len(rows) == 1 + 2 + 2  # the header, two runs and the two swept rows

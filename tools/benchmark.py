@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.json).write_text(json.dumps(result, indent=2))
     if args.markdown:
         write_markdown(Path(args.markdown), result, args.label)
+        for row in result.get("sweep", []):  # one more row per swept value: step and bare at that value
+            swept = {k: v for k, v in result.items() if k not in ("view_pipeline", "end_to_end", "sweep")}
+            swept.update(row, overrides=[*result["overrides"], row["override"]])
+            write_markdown(Path(args.markdown), swept, f"{args.label} {row['override']}" if args.label else None)
     return result
 
 
