@@ -18,7 +18,6 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import pretrain
-from selfsup.config import ConfigError, from_dict
 from selfsup.engine import NonFiniteLossError, list_checkpoints
 from selfsup.export import EncoderLoadError, load_encoder, save_encoder
 from selfsup.backbones import create_backbone
@@ -91,7 +90,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, straight_run):
     proc = run_cli(config)  # the same command again: train.resume=auto
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
-    assert f"resumed from" in out
+    assert "resumed from" in out
     assert_same_weights(final_weights(run_dir), straight_run[1])
 
 

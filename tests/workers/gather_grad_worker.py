@@ -8,20 +8,17 @@ with a single-process reference computed on the full batch in the same process.
 from __future__ import annotations
 
 import copy
-import json
 import sys
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from torch import nn
 from torch.testing import assert_close
 
-from selfsup.distributed import all_reduce_mean, gather_no_grad, gather_with_grad, rank, world_size
+from selfsup.distributed import all_reduce_mean, gather_no_grad, gather_with_grad
 from selfsup.losses import info_nce, nt_xent
+from tests.workers.harness import finish, start
 
 B, C, D = 4, 8, 6  # per-process batch, embedding dim, input dim of the DDP check
 
@@ -117,36 +114,14 @@ def check_ddp_end_to_end(w: int, r: int, accelerator: Accelerator) -> None:
 
 
 def main(out_dir: Path) -> None:
-    accelerator = Accelerator(cpu=True)
-    assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
-    assert dist.is_initialized() and dist.get_world_size() == 2, "torch.distributed world size is not 2"
-    w, r = world_size(), rank()
-    assert (w, r) == (dist.get_world_size(), dist.get_rank())
-
-    checks: dict[str, Callable[[], None]] = {
+    accelerator, w, r = start(nprocs=2)
+    finish(accelerator, out_dir, {
         "nt_xent_grad": lambda: check_nt_xent_grad(w, r),
         "info_nce_grad": lambda: check_info_nce_grad(w, r),
         "gather_grad_closed_form": lambda: check_gather_grad_closed_form(w, r),
         "gather_no_grad": lambda: check_gather_no_grad(w, r),
         "ddp_end_to_end": lambda: check_ddp_end_to_end(w, r, accelerator),
-    }
-    results: dict[str, str] = {}
-    for name, check in checks.items():
-        # Comparisons come after each check's collectives, so a failure never desynchronises ranks.
-        try:
-            check()
-            results[name] = "ok"
-        except AssertionError:
-            results[name] = traceback.format_exc()
-
-    record = {"rank": r, "world_size": w, "num_processes": accelerator.num_processes, "checks": results}
-    (out_dir / f"rank{r}.json").write_text(json.dumps(record, indent=2))
-    # Clean gloo teardown: drop DDP's hold on the group, and let no rank close it while the other still talks.
-    accelerator.free_memory()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if any(v != "ok" for v in results.values()):
-        sys.exit(1)
+    })
 
 
 if __name__ == "__main__":

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from selfsup.backbones import create_backbone
-from selfsup.distributed import all_reduce_mean, gather_no_grad, rank, shuffle_batch, unshuffle_batch, world_size
+from selfsup.distributed import all_reduce_mean, gather_no_grad, shuffle_batch, unshuffle_batch
 from selfsup.methods.moco import MoCo, MoCoConfig
+from tests.workers.harness import finish, start
 
 B, IMAGE = 4, 16  # per-process batch, image size
 V2_STEPS = 3
@@ -109,30 +108,12 @@ def check_v3_loss_and_grads(w: int, r: int, accelerator: Accelerator, out_dir: P
 
 
 def main(out_dir: Path) -> None:
-    accelerator = Accelerator(cpu=True)
-    assert accelerator.num_processes == 2, f"expected 2 processes, got {accelerator.num_processes}"
-    assert dist.is_initialized() and dist.get_world_size() == 2, "torch.distributed world size is not 2"
-    w, r = world_size(), rank()
-    checks = {
+    accelerator, w, r = start(nprocs=2)
+    finish(accelerator, out_dir, {
         "shuffle": lambda: check_shuffle(w, r),
         "v2_queue": lambda: check_v2_queue(w, r, accelerator),
         "v3_loss_and_grads": lambda: check_v3_loss_and_grads(w, r, accelerator, out_dir),
-    }
-    results: dict[str, str] = {}
-    for name, check in checks.items():
-        try:
-            check()
-            results[name] = "ok"
-        except AssertionError:
-            results[name] = traceback.format_exc()
-    record = {"rank": r, "world_size": w, "num_processes": accelerator.num_processes, "checks": results}
-    (out_dir / f"rank{r}.json").write_text(json.dumps(record, indent=2))
-    accelerator.free_memory()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if any(v != "ok" for v in results.values()):
-        print(json.dumps(record, indent=2), file=sys.stderr)  # shown by run_workers on failure
-        sys.exit(1)
+    })
 
 
 if __name__ == "__main__":
