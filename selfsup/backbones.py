@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import timm
+import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -21,6 +22,7 @@ __all__ = [
     "register_backbone",
     "create_backbone",
     "list_backbones",
+    "is_patch_model",
     "SmallStemResNet",
     "resnet18_small",
     "resnet50_small",
@@ -98,6 +100,16 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     model.backbone_name = name
     model.backbone_kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
     return model
+
+
+def is_patch_model(name: str, **kwargs: Any) -> bool:
+    """Whether backbone `name` tokenises images with a patch embedding (ViT, DeiT, Swin, ...).
+
+    Built on the meta device: no memory, no init cost, so configs can ask before any model exists.
+    """
+    with torch.device("meta"):
+        model = create_backbone(name, **{k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS})
+    return getattr(model, "patch_embed", None) is not None
 
 
 def _patch_size(model: nn.Module) -> int | None:

@@ -50,7 +50,7 @@ class BackboneConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw | lars | lamb | any timm optimizer name
+    name: str = "sgd"  # sgd | adamw | lars | lamb | any timm optimizer; unset in pretraining: the method's recipe
     lr: float = 0.3  # base learning rate for a global batch of 256 (see lr_scaling)
     lr_scaling: str = "linear"  # linear: lr * global_batch / 256 | sqrt | none
     weight_decay: float = 1e-4
@@ -193,7 +193,20 @@ def from_dict(raw: dict[str, Any]) -> Config:
     if not isinstance(method_raw, dict):
         raise ConfigError("'method' must be a mapping with at least 'name' (simclr, moco, mae, simmim or module:Class).")
     kwargs["method"] = build_method_config(method_raw)
+    optim_raw = raw.get("optim") or {}
+    if isinstance(optim_raw, dict) and "name" not in optim_raw:
+        # No optimizer named: the method's own recipe (e.g. AdamW for a MoCo v3 ViT, LARS for a ResNet)
+        # supplies name, lr, weight decay, betas; whatever the file or overrides set still wins.
+        backbone = kwargs.get("backbone", BackboneConfig())
+        recipe = _method_class(kwargs["method"]).optim_defaults(kwargs["method"], backbone.name, backbone.kwargs)
+        kwargs["optim"] = _build(OptimConfig, {**recipe, **optim_raw}, "optim")
     return Config(**kwargs)
+
+
+def _method_class(method_cfg: Any) -> type:
+    from selfsup.methods import get_method_class
+
+    return get_method_class(method_cfg.name)
 
 
 def build_method_config(raw: dict[str, Any]) -> Any:

@@ -161,7 +161,7 @@ def fit(
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
     accelerator.print(
         f"[selfsup] processes={world} per-process batch={batch_size} accumulate={accumulate} "
-        f"-> global batch {global_batch}; lr = {cfg.optim.lr:g} x scaling '{cfg.optim.lr_scaling}' = {lr:.6g}; "
+        f"-> global batch {global_batch}; {cfg.optim.name} lr = {cfg.optim.lr:g} x scaling '{cfg.optim.lr_scaling}' = {lr:.6g}; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps}; "
         f"device={accelerator.device} precision={accelerator.mixed_precision}"
     )

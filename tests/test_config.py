@@ -15,7 +15,7 @@ def write(tmp_path, data, name="run.yaml"):
 def test_defaults_and_sections(tmp_path):
     cfg = load_config(write(tmp_path, {"method": {"name": "simclr", "temperature": 0.5}}))
     assert cfg.method.name == "simclr" and cfg.method.temperature == 0.5
-    assert cfg.optim == OptimConfig()
+    assert cfg.optim == OptimConfig(name="lars", lr=0.3, weight_decay=1e-6)  # SimCLR's recipe (no optim section)
     assert cfg.source.endswith("run.yaml")
 
 
@@ -101,3 +101,31 @@ def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     stem = path.stem
     assert cfg.method.name in stem or cfg.method.name == "simclr", (stem, cfg.method.name)
+
+
+@pytest.mark.parametrize(
+    "method, backbone, expected",
+    [({"name": "moco", "variant": "v3"}, {"name": "vit_tiny_patch4", "kwargs": {"img_size": 28}},
+      {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.1}),
+     ({"name": "moco", "variant": "v3"}, {"name": "resnet18_small"}, {"name": "lars", "lr": 0.6, "weight_decay": 1e-6}),
+     ({"name": "moco"}, {"name": "resnet18_small"}, {"name": "sgd", "lr": 0.03, "weight_decay": 1e-4}),
+     ({"name": "simclr"}, {"name": "resnet18_small"}, {"name": "lars", "lr": 0.3, "weight_decay": 1e-6}),
+     ({"name": "mae"}, {"name": "vit_tiny_patch4"}, {"name": "adamw", "lr": 1.5e-4, "betas": (0.9, 0.95)}),
+     ({"name": "simmim"}, {"name": "vit_tiny_patch4"}, {"name": "adamw", "lr": 4e-4, "weight_decay": 0.05})],
+)
+def test_an_unnamed_optimizer_is_the_methods_recipe(tmp_path, method, backbone, expected):
+    cfg = load_config(write(tmp_path, {"method": method, "backbone": backbone}))
+    assert cfg.optim.name == expected.pop("name")
+    assert {k: getattr(cfg.optim, k) for k in expected} == pytest.approx(expected), cfg.optim
+
+
+def test_the_recipe_never_overrides_what_the_config_sets(tmp_path):
+    vit = {"name": "vit_tiny_patch4", "kwargs": {"img_size": 28}}
+    path = write(tmp_path, {"method": {"name": "moco", "variant": "v3"}, "backbone": vit, "optim": {"lr": 1e-3}})
+    cfg = load_config(path, ["optim.warmup_epochs=1"])
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_epochs) == ("adamw", 1e-3, 0.1, 1.0)
+    named = load_config(path, ["optim.name=sgd"])  # an optimizer named by the user: no recipe at all
+    assert (named.optim.name, named.optim.lr, named.optim.weight_decay) == ("sgd", 1e-3, OptimConfig().weight_decay)
+    again = tmp_path / "resolved.yaml"  # the run directory's config.yaml states the optimizer that ran
+    save_config(cfg, again)
+    assert load_config(again).optim == cfg.optim

@@ -31,6 +31,14 @@ class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     encoder: nn.Module
 
+    @classmethod
+    def optim_defaults(cls, cfg: Any, backbone_name: str, backbone_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The paper's optimizer for this method and backbone (optim keys: name, lr per 256 images,
+        weight_decay, betas ...), used when a pretraining config names no `optim.name`; keys the config
+        does set win. Default: none (OptimConfig's own defaults, SGD).
+        """
+        return {}
+
     def forward(self, batch: Any) -> StepOutput:  # batch: (views: list[Tensor [B, C, H, W]], labels [B])
         raise NotImplementedError
 

@@ -55,6 +55,11 @@ class MAE(Method):
     views = "mae"
     Config = MAEConfig
 
+    @classmethod
+    def optim_defaults(cls, cfg, backbone_name, backbone_kwargs):
+        # MAE Table 8: AdamW, base lr 1.5e-4 per 256, weight decay 0.05, beta2 0.95
+        return {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.05, "betas": (0.9, 0.95)}
+
     def __init__(self, backbone: nn.Module, cfg: MAEConfig):
         super().__init__()
         self.cfg = cfg

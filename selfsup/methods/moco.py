@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from selfsup import distributed
+from selfsup.backbones import is_patch_model
 from selfsup.config import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import info_nce
@@ -142,6 +143,16 @@ class MoCo(Method):
             # Kept equal on every rank by construction (all keys enqueued everywhere); DDP need not
             # re-broadcast K x C floats from rank 0 at each forward.
             self._ddp_params_and_buffers_to_ignore = ["queue", "queue_ptr"]
+
+    @classmethod
+    def optim_defaults(cls, cfg: MoCoConfig, backbone_name: str, backbone_kwargs: dict) -> dict:
+        """v2: SGD 0.03 per 256, wd 1e-4 (MoCo v2). v3: AdamW 1.5e-4, wd 0.1 for ViTs; LARS 0.6, wd 1e-6
+        for ResNets (MoCo v3's 100-epoch recipes)."""
+        if cfg.variant == "v2":
+            return {"name": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9}
+        if is_patch_model(backbone_name, **backbone_kwargs):
+            return {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999)}
+        return {"name": "lars", "lr": 0.6, "weight_decay": 1e-6}
 
     # -- the two branches -------------------------------------------------------------------------
 

@@ -33,6 +33,10 @@ class SimCLR(Method):
     views = "simclr"
     Config = SimCLRConfig
 
+    @classmethod
+    def optim_defaults(cls, cfg, backbone_name, backbone_kwargs):
+        return {"name": "lars", "lr": 0.3, "weight_decay": 1e-6}  # SimCLR Sec. B.6: LARS, 0.3 x batch/256
+
     def __init__(self, backbone: nn.Module, cfg: SimCLRConfig):
         super().__init__()
         self.cfg = cfg

@@ -40,6 +40,11 @@ class SimMIM(Method):
     views = "simmim"
     Config = SimMIMConfig
 
+    @classmethod
+    def optim_defaults(cls, cfg, backbone_name, backbone_kwargs):
+        # SimMIM Sec. 4.1: AdamW, 8e-4 per 512 images (4e-4 per 256), weight decay 0.05
+        return {"name": "adamw", "lr": 4e-4, "weight_decay": 0.05, "betas": (0.9, 0.999)}
+
     def __init__(self, backbone: nn.Module, cfg: SimMIMConfig):
         super().__init__()
         self.cfg = cfg
