@@ -8,8 +8,10 @@ metrics, who writes files) is decided here and nowhere else.
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import signal
@@ -106,9 +108,27 @@ def make_loader(
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """Schedulers (SLURM, `timeout`, k8s) send SIGTERM to the whole process group; a worker that died of it
-    would break the checkpoint the main process is writing. Workers leave stopping to the main process."""
+    would break the checkpoint the main process is writing. Workers leave stopping to the main process
+    (which shuts them down, or kills them at exit: `_stop_daemonic_children_at_exit`)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's own exit hook, so (last in, first out) it runs before that one
+def _stop_daemonic_children_at_exit() -> None:
+    """At interpreter exit multiprocessing SIGTERMs daemonic children, then joins them. DataLoader workers
+    ignore SIGTERM (above), so a loader still alive then (persistent workers of a loader held by a global
+    or a reference cycle) would make that join wait forever: the run finishes but the process never
+    exits. Same policy here, with SIGKILL for a child still there a second later."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for process in children:
+        process.terminate()
+    deadline = time.monotonic() + 1.0
+    for process in children:
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
 
 
 def fit(

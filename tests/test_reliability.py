@@ -249,3 +249,39 @@ def test_no_unsafe_torch_load_in_the_code():
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path}:{number}")
     assert not offenders, offenders
+
+
+EXIT_PROBE = """
+from torch.utils.data import Dataset
+from selfsup.config import DataConfig
+from selfsup.engine import make_loader
+
+class Keys(Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, key):
+        return 0
+
+LOADER = make_loader(Keys(), DataConfig(batch_size=4, num_workers=1), seed=0)  # held until exit
+for _ in LOADER:
+    pass
+print("iterated", flush=True)
+"""
+
+
+def test_a_process_holding_a_loader_with_live_workers_still_exits(tmp_path):
+    """Workers ignore SIGTERM (so a group SIGTERM cannot break a checkpoint); multiprocessing's exit hook
+    SIGTERMs and then joins them, which would wait forever for persistent workers still alive at exit."""
+    script = tmp_path / "probe.py"
+    script.write_text(EXIT_PROBE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"the process hung at exit with its DataLoader worker alive:\n{out}")
+    assert proc.returncode == 0 and "iterated" in out, out
