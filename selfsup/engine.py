@@ -31,8 +31,9 @@ from selfsup.checkpoints import (
     save_checkpoint,
 )
 from selfsup.config import Config, DataConfig
-from selfsup.data import EpochSampler, _mix_seed
+from selfsup.data import _mix_seed
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
+from selfsup.sampling import EpochSampler
 
 
 class NonFiniteLossError(RuntimeError):

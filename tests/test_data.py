@@ -12,12 +12,11 @@ from torch.utils.data import DataLoader
 from selfsup.data import (
     DATASETS,
     FASHION_MNIST_SYSTEM_DIR,
-    EpochSampler,
-    ViewDataset,
     build_dataset,
     dataset_info,
     read_idx,
 )
+from selfsup.sampling import EpochSampler, ViewDataset
 
 
 def _write_idx(path, array: np.ndarray, dtype_code: int = 0x08, compress: bool = False) -> None:
