@@ -16,12 +16,13 @@ from selfsup.builders import (
     build_backbone, build_batch_transform, build_labelled_pair, build_pretraining, in_chans, run_dir_for,
 )
 from selfsup.config import ConfigError, load_config, save_config
-from selfsup.data import BrokenImageError, ViewDataset
+from selfsup.data import BrokenImageError
 from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
 from selfsup.evaluation import KNNMonitor
 from selfsup.export import EncoderLoadError, save_encoder
 from selfsup.methods import Method
 from selfsup.plots import ReconstructionGrid, plot_metrics
+from selfsup.sampling import ViewDataset
 from selfsup.transforms import build_eval_transform
 
 

@@ -11,8 +11,9 @@ from torch.utils.data import Dataset
 from selfsup.backbones import create_backbone
 from selfsup.batched_views import BatchedViews, UInt8Images, build_batched_views
 from selfsup.config import Config, ConfigError
-from selfsup.data import DatasetInfo, ViewDataset, build_dataset, dataset_info
+from selfsup.data import DatasetInfo, build_dataset, dataset_info
 from selfsup.methods import Method, build_method
+from selfsup.sampling import ViewDataset
 from selfsup.transforms import build_eval_transform, build_views
 
 

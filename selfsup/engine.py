@@ -12,8 +12,6 @@ import atexit
 import json
 import math
 import multiprocessing
-import os
-import shutil
 import signal
 import threading
 import time
@@ -28,12 +26,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from selfsup.checkpoints import (
+    STATE_FILE,
+    find_resume_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 from selfsup.config import Config, DataConfig
-from selfsup.data import EpochSampler, _mix_seed
+from selfsup.data import _mix_seed
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
-
-CHECKPOINT_PREFIX = "step_"
-STATE_FILE = "trainer_state.json"
+from selfsup.sampling import EpochSampler
 
 
 class NonFiniteLossError(RuntimeError):
@@ -309,7 +311,7 @@ def fit(
 
 
 # --------------------------------------------------------------------------------------------
-# checkpoints: accelerate.save_state into a temporary directory, renamed once complete
+# checkpoints: the loop's position; the format on disk is selfsup/checkpoints.py
 
 
 def _checkpoint(accelerator, ckpt_root, step, position, result: FitResult, keep: int) -> Path:
@@ -317,50 +319,6 @@ def _checkpoint(accelerator, ckpt_root, step, position, result: FitResult, keep:
     state = {"step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
              "last_loss": result.last_loss, "skipped_nonfinite": result.skipped_nonfinite}
     return save_checkpoint(accelerator, ckpt_root, state, keep)
-
-
-def save_checkpoint(accelerator: Accelerator, ckpt_root: Path, state: dict[str, Any], keep: int) -> Path:
-    """Write model/optimizer/RNG state atomically: a crash mid-write leaves only a `.tmp` directory."""
-    final = ckpt_root / f"{CHECKPOINT_PREFIX}{state['step']:08d}"
-    tmp = ckpt_root / f".tmp_{final.name}"
-    if accelerator.is_main_process:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_json_durably(tmp / STATE_FILE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints (those with a state file), oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def find_resume_checkpoint(resume: str, ckpt_root: Path) -> Path | None:
-    if resume == "never":
-        return None
-    if resume == "auto":
-        found = list_checkpoints(ckpt_root)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(
-            f"train.resume={resume!r}: no checkpoint there (a directory with {STATE_FILE}). "
-            f"Use train.resume=auto to continue from the run directory's last checkpoint."
-        )
-    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -472,13 +430,6 @@ def _to_float(value: Any) -> Any:
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def _write_json_durably(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _flat_config(cfg: Config) -> dict[str, Any]:

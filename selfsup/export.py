@@ -64,7 +64,7 @@ def load_encoder(path: str | Path, *, map_location: str | torch.device = "cpu") 
     if (path / WEIGHTS).is_file() and (path / "trainer_state.json").is_file():  # a training checkpoint
         return _load_from_checkpoint(path, map_location)
     if (path / "checkpoints").is_dir():  # a run that was never exported: its last checkpoint
-        from selfsup.engine import list_checkpoints
+        from selfsup.checkpoints import list_checkpoints
 
         found = list_checkpoints(path / "checkpoints")
         if found:

@@ -24,10 +24,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from selfsup.backbones import create_backbone
+from selfsup.checkpoints import list_checkpoints
 from selfsup.config import Config, ConfigError, load_config, save_config, to_dict
-from selfsup.data import ViewDataset, build_dataset, dataset_info
-from selfsup.engine import list_checkpoints
+from selfsup.data import build_dataset, dataset_info
 from selfsup.export import load_encoder
+from selfsup.sampling import ViewDataset
 from selfsup.transforms import build_eval_transform, build_views
 
 NAME_PREFIX = "timm:"

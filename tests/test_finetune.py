@@ -8,11 +8,12 @@ import torch
 
 from selfsup.backbones import create_backbone
 from selfsup.config import ConfigError, from_dict
-from selfsup.data import SyntheticDataset, ViewDataset
+from selfsup.data import SyntheticDataset
 from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.evaluation import ClassifierEvaluator
 from selfsup.finetune import Classifier, SupervisedTask, build_finetune_optimizer, with_drop_path
 from selfsup.optim import build_scheduler
+from selfsup.sampling import ViewDataset
 from selfsup.transforms import build_eval_transform, build_views
 from tests.conftest import TINY_RESNET
 

@@ -10,7 +10,6 @@ from torch.testing import assert_close
 
 from selfsup.builders import build_pretraining
 from selfsup.config import from_dict
-from selfsup.data import ViewDataset
 from selfsup.masking import (
     SimMIMMaskGenerator,
     WithMask,
@@ -22,6 +21,7 @@ from selfsup.masking import (
     unpatchify,
     valid_mask_patch_sizes,
 )
+from selfsup.sampling import ViewDataset
 from tests.conftest import tiny_config_dict
 
 

@@ -14,8 +14,9 @@ from torch.testing import assert_close
 import pretrain
 from selfsup.backbones import create_backbone
 from selfsup.builders import build_pretraining, run_dir_for
+from selfsup.checkpoints import list_checkpoints
 from selfsup.config import ConfigError, from_dict
-from selfsup.engine import fit, list_checkpoints, make_accelerator, make_loader
+from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.export import load_encoder, save_encoder
 from selfsup.losses import info_nce
 from selfsup.methods.moco import MoCo, MoCoConfig

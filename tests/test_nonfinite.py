@@ -6,8 +6,9 @@ import json
 import pytest
 
 from selfsup.builders import build_pretraining, run_dir_for
+from selfsup.checkpoints import list_checkpoints
 from selfsup.config import from_dict
-from selfsup.engine import NonFiniteLossError, fit, list_checkpoints, make_accelerator, make_loader
+from selfsup.engine import NonFiniteLossError, fit, make_accelerator, make_loader
 from selfsup.methods.base import StepOutput
 from selfsup.methods.simclr import SimCLR
 from tests.conftest import tiny_config_dict

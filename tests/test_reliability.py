@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import pretrain
-from selfsup.engine import NonFiniteLossError, list_checkpoints
+from selfsup.checkpoints import list_checkpoints
+from selfsup.engine import NonFiniteLossError
 from selfsup.export import EncoderLoadError, load_encoder, save_encoder
 from selfsup.backbones import create_backbone
 from tests import fault_methods

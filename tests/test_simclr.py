@@ -6,8 +6,9 @@ import torch
 
 import pretrain
 from selfsup.builders import build_pretraining, run_dir_for
+from selfsup.checkpoints import list_checkpoints
 from selfsup.config import from_dict
-from selfsup.engine import fit, list_checkpoints, make_accelerator, make_loader
+from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.export import load_encoder, save_encoder
 from tests import crashing_method
 from tests.conftest import tiny_config_dict, write_config
