@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def write_config(tmp_path: Path, cfg: dict, name: str = "tiny.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """step -> logged loss."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 @pytest.fixture(autouse=True)

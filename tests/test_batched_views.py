@@ -1,7 +1,6 @@
 """Batched on-device views: checked per sample against torchvision's functional ops, and in distribution
 against the per-image torchvision pipeline of transforms.py (parameters and outputs)."""
 
-import json
 import shutil
 
 import numpy as np
@@ -18,7 +17,7 @@ from selfsup.config import ConfigError, from_dict
 from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.methods.simclr import SimCLR
 from selfsup.transforms import VIEW_PRESETS, build_views
-from tests.conftest import tiny_config_dict
+from tests.conftest import read_losses, tiny_config_dict
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
@@ -231,10 +230,6 @@ def test_config_errors(tmp_path):
         build_pretraining(from_dict(tiny_config_dict(tmp_path, method=method, data={"augment_on": "device"})))
 
 
-def _losses(run_dir):
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-
-
 def test_fit_with_device_views_trains_and_resumes_with_the_same_views(tmp_path):
     def run(name, resume="never"):
         cfg = from_dict(tiny_config_dict(tmp_path, data={"augment_on": "device", "num_workers": 0},
@@ -251,12 +246,12 @@ def test_fit_with_device_views_trains_and_resumes_with_the_same_views(tmp_path):
         return run_dir
 
     straight = run("straight")
-    losses = _losses(straight)
+    losses = read_losses(straight)
     assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(v) for v in losses.values())
     # resume from the step-2 checkpoint: steps 3 and 4 see the same views, hence the same losses
     resumed_dir = tmp_path / "runs" / "resumed"
     shutil.copytree(straight / "checkpoints" / "step_00000002", resumed_dir / "ckpt")
-    resumed = _losses(run("resumed", resume=str(resumed_dir / "ckpt")))
+    resumed = read_losses(run("resumed", resume=str(resumed_dir / "ckpt")))
     assert sorted(resumed) == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6)

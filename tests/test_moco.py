@@ -23,7 +23,7 @@ from selfsup.methods.moco import MoCo, MoCoConfig
 from selfsup.momentum import cosine_momentum
 from selfsup.optim import build_optimizer
 from tests import crashing_method
-from tests.conftest import TINY_RESNET, tiny_config_dict, write_config
+from tests.conftest import TINY_RESNET, read_losses, tiny_config_dict, write_config
 from tests.multiproc import WORKERS_DIR, run_workers
 from tests.workers import moco_worker
 
@@ -43,11 +43,6 @@ def tiny_moco(variant: str = "v2", backbone=None, **overrides) -> MoCo:
 def views(seed: int, n: int = N, size: int = 16) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(n, 3, size, size, generator=g) for _ in range(2)]
-
-
-def read_losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
 # -- momentum encoder ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from selfsup.config import from_dict
 from selfsup.engine import NonFiniteLossError, fit, make_accelerator, make_loader
 from selfsup.methods.base import StepOutput
 from selfsup.methods.simclr import SimCLR
-from tests.conftest import tiny_config_dict
+from tests.conftest import read_metrics, tiny_config_dict
 from tests.multiproc import WORKERS_DIR, run_workers
 
 NAN_AT_CALL = 3
@@ -43,14 +43,14 @@ def test_nan_loss_stops_before_anything_is_saved_and_names_its_step(tmp_path):
         _run(tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000002"]
-    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in read_metrics(run_dir)]
     assert logged == [2]  # the NaN is never logged: the check runs before the step-4 log
 
 
 def test_skip_nonfinite_skips_and_counts(tmp_path):
     run_dir, result = _run(tmp_path, skip_nonfinite=True)
     assert result.steps == 6 and result.skipped_nonfinite == 1
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     assert records[-1]["skipped_nonfinite"] == 1
 
 

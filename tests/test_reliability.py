@@ -23,7 +23,7 @@ from selfsup.engine import NonFiniteLossError
 from selfsup.export import EncoderLoadError, load_encoder, save_encoder
 from selfsup.backbones import create_backbone
 from tests import fault_methods
-from tests.conftest import ROOT, tiny_config_dict, write_config
+from tests.conftest import ROOT, read_metrics, tiny_config_dict, write_config
 
 SLOW = {"name": "tests.fault_methods:SlowSimCLR", "proj_hidden_dim": 64, "proj_out_dim": 32}
 
@@ -151,7 +151,7 @@ def test_broken_images_are_skipped_counted_and_warned_once(tmp_path):
         pretrain.main(["--config", str(write_config(tmp_path, cfg))])
     warned = [str(w.message) for w in record if "skipping unreadable" in str(w.message)]
     assert len(warned) == 2 and any("truncated.png" in m for m in warned) and any("not_an_image.jpg" in m for m in warned)
-    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "runs" / "tiny")
     assert records[-1]["broken_images"] >= 2  # each of the 2 files is met once per epoch (6 steps = 2 epochs)
     assert (tmp_path / "runs" / "tiny" / "encoder" / "model.safetensors").is_file()
 
@@ -192,7 +192,7 @@ def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
     cfg = tiny_config_dict(tmp_path, method=method, train={"max_steps": 6, "skip_nonfinite": True})
     summary = pretrain.main(["--config", str(write_config(tmp_path, cfg))])
     assert summary["steps"] == 6 and summary["last_loss"] == summary["last_loss"]  # finite
-    records = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "runs" / "tiny")
     assert records[-1]["skipped_nonfinite"] == 2
 
 

@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -11,12 +10,7 @@ from selfsup.config import from_dict
 from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.export import load_encoder, save_encoder
 from tests import crashing_method
-from tests.conftest import tiny_config_dict, write_config
-
-
-def read_losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+from tests.conftest import read_losses, tiny_config_dict, write_config
 
 
 def test_simclr_trains_exports_and_reloads_bit_identically(tmp_path):
