@@ -20,6 +20,7 @@ from selfsup.data import BrokenImageError
 from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
 from selfsup.evaluation import KNNMonitor
 from selfsup.export import EncoderLoadError, save_encoder
+from selfsup.hardware import loader_workers
 from selfsup.methods import Method
 from selfsup.plots import ReconstructionGrid, plot_metrics
 from selfsup.sampling import ViewDataset
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_transform = build_batch_transform(cfg, method, info)  # None unless data.augment_on=device
     monitor = evaluate = None
     if cfg.eval.every_epochs or cfg.eval.at_end:
-        monitor = build_monitor(cfg, accelerator.device)
+        monitor = build_monitor(cfg, accelerator.device, bf16=accelerator.mixed_precision == "bf16")
         evaluate = with_reconstructions(monitor, method, cfg, train_set, info, run_dir)
 
     if accelerator.is_main_process:
@@ -68,10 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"run_dir": str(run_dir), "steps": result.steps, "last_loss": result.last_loss}
     if result.eval_history:
         summary.update({k: v for k, v in result.eval_history[-1].items() if k.startswith("knn")})
-    if monitor is not None and cfg.eval.random_init_baseline and accelerator.is_main_process:
-        set_seed(cfg.train.seed)  # the very initialisation the run started from
-        baseline = monitor(build_backbone(cfg).to(accelerator.device))
-        summary.update({f"random_init_{k}": v for k, v in baseline.items()})
+    if monitor is not None and accelerator.is_main_process:
+        summary.update(baselines(cfg, monitor, accelerator.device))
     if accelerator.is_main_process:
         save_encoder(
             method.encoder,  # prepare() wrapped this same module; its weights are the trained ones
@@ -83,12 +82,14 @@ def main(argv: list[str] | None = None) -> dict:
         plot_metrics(run_dir / "metrics.jsonl", run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
+        if (line := compare_line(summary)) is not None:
+            print(line)
     accelerator.wait_for_everyone()  # all ranks leave together: gloo's teardown aborts otherwise, now and then
     accelerator.end_training()
     return summary
 
 
-def build_monitor(cfg, device) -> KNNMonitor | None:
+def build_monitor(cfg, device, bf16: bool = False) -> KNNMonitor | None:
     """kNN monitor on a labelled split; None (with a note) when the data has no labels."""
     dataset = cfg.eval.dataset or cfg.data.dataset
     root = cfg.eval.root if cfg.eval.dataset else (cfg.eval.root or cfg.data.root)
@@ -103,8 +104,36 @@ def build_monitor(cfg, device) -> KNNMonitor | None:
         print(f"[selfsup] {dataset} has no labels here: no kNN monitor (set eval.dataset to a labelled set)")
         return None
     return KNNMonitor(train_set, test_set, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-                      batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers, device=device,
-                      bf16=cfg.train.precision == "bf16" or None)
+                      batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data), device=device,
+                      bf16=bf16, pixel_baseline=cfg.eval.pixel_baseline)
+
+
+def baselines(cfg, monitor: KNNMonitor, device) -> dict:
+    """What the encoder's kNN figure stands beside on the same protocol: the same backbone at random
+    init and raw pixels (eval.random_init_baseline / eval.pixel_baseline), and which is higher."""
+    out: dict = {}
+    if cfg.eval.random_init_baseline:
+        set_seed(cfg.train.seed)  # the very initialisation the run started from
+        out.update({f"random_init_{k}": v for k, v in monitor(build_backbone(cfg).to(device)).items()})
+    if cfg.eval.pixel_baseline:
+        out.update({f"pixels_{k}": v for k, v in monitor.pixels().items()})
+    return out
+
+
+def compare_line(summary: dict) -> str | None:
+    """One sentence with the encoder's kNN top-1 beside its baselines, saying which is higher."""
+    if "knn_top1" not in summary:
+        return None
+    mine = summary["knn_top1"]
+    parts = [f"encoder {mine:.1f} %"]
+    verdicts = []
+    for key, label in (("random_init_knn_top1", "same backbone at random init"), ("pixels_knn_top1", "raw pixels")):
+        if key in summary:
+            other = summary[key]
+            parts.append(f"{label} {other:.1f} %")
+            verdicts.append(f"{'above' if mine > other else 'BELOW' if mine < other else 'equal to'} {label} "
+                            f"({mine - other:+.1f} points)")
+    return "[selfsup] kNN top-1: " + ", ".join(parts) + (" -> the encoder is " + "; ".join(verdicts) if verdicts else "")
 
 
 def with_reconstructions(monitor, method, cfg, train_set, info, run_dir):

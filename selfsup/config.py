@@ -32,7 +32,7 @@ class DataConfig:
     subset: int | None = None  # use a fixed random subset of this many images (quick runs)
     image_size: int = 32
     batch_size: int = 256  # per process; the global batch is batch_size x processes x accumulate_steps
-    num_workers: int = 2
+    num_workers: int | None = None  # DataLoader workers; None: from the usable cores (selfsup/hardware.py)
     preset: str | None = None  # view preset; None: the method's own (simclr, moco_v2, mae, ...)
     num_views: int | None = None  # None: the preset's default
     views: dict[str, Any] = field(default_factory=dict)  # view overrides: crop_scale, blur_p, ...
@@ -69,7 +69,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     accumulate_steps: int = 1
     clip_grad: float | None = None  # max gradient norm
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | no | bf16 | fp16
+    precision: str = "auto"  # auto: bf16 on a bf16 GPU or a CPU with native bf16, fp16 on older GPUs, else fp32 | no | bf16 | fp16
+    threads: int | None = None  # intra-op CPU threads; None: the usable cores less the DataLoader workers
     seed: int = 0
     output_dir: str = "runs"
     run_name: str | None = None  # None: the config file's stem
@@ -97,6 +98,7 @@ class EvalConfig:
     max_test_samples: int | None = 2000
     batch_size: int = 256
     random_init_baseline: bool = False  # at the end, also score the same backbone at random init
+    pixel_baseline: bool = False  # at the end, also score raw pixels (the eval transform's tensors) the same way
 
 
 FINETUNE_MODES = ("frozen", "full", "discriminative", "layer_decay")

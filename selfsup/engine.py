@@ -34,6 +34,7 @@ from selfsup.checkpoints import (
 )
 from selfsup.config import Config, DataConfig
 from selfsup.data import _mix_seed
+from selfsup.hardware import choose_precision, loader_workers, plan_parallelism
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
 from selfsup.sampling import EpochSampler
 
@@ -60,16 +61,16 @@ class FitResult:
 
 
 def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelerator:
-    """An Accelerator for this machine: CPU processes (gloo) when no GPU, bf16 autocast on GPUs that have it."""
+    """An Accelerator for this machine: CPU processes (gloo) when no GPU, the precision `train.precision`
+    resolves to here (selfsup/hardware.py), and intra-op threads sized to the usable cores; prints the
+    choices and why."""
     has_cuda = torch.cuda.is_available()
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "no"
-    if precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"train.precision must be auto, no, bf16 or fp16, got {cfg.train.precision!r}.")
-    return Accelerator(
+    precision = choose_precision(cfg.train.precision, "cuda" if has_cuda else "cpu")
+    parallelism = plan_parallelism(cfg.train.threads, cfg.data.num_workers, cfg.data.augment_on)
+    torch.set_num_threads(parallelism.threads)
+    accelerator = Accelerator(
         cpu=not has_cuda,
-        mixed_precision=precision,
+        mixed_precision=precision.mode,
         gradient_accumulation_steps=cfg.train.accumulate_steps,
         log_with=list(cfg.train.trackers) or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir) if run_dir else None),
@@ -77,6 +78,10 @@ def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelera
         step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(non_blocking=has_cuda),
     )
+    if precision.warning:
+        accelerator.print(f"[selfsup] warning: {precision.warning}")
+    accelerator.print(f"[selfsup] {precision.describe()}; {parallelism.describe()}")
+    return accelerator
 
 
 def make_loader(
@@ -93,7 +98,7 @@ def make_loader(
     The EpochSampler yields (epoch, index) keys, so a resumed run sees exactly the images and views
     an uninterrupted run would; the loader's own generator keeps the global RNG untouched.
     """
-    workers = data_cfg.num_workers
+    workers = loader_workers(data_cfg)
     return DataLoader(
         dataset,
         batch_size=batch_size or data_cfg.batch_size,

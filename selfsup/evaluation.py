@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from selfsup.config import Config
 from selfsup.engine import FitResult, fit, make_loader
 from selfsup.finetune import LinearHead, SupervisedTask
+from selfsup.hardware import choose_precision
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def _forward_all(
     outputs, labels = [], []
     for inputs, targets in loader:
         inputs = inputs.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if bf16 is None else bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_auto_bf16(device) if bf16 is None else bf16):
             out = module(inputs)
         outputs.append(out.float().cpu())
         labels.append(torch.as_tensor(targets).cpu())
@@ -43,12 +44,17 @@ def _forward_all(
     return torch.cat(outputs), torch.cat(labels).long()
 
 
+def _auto_bf16(device: torch.device) -> bool:
+    """bf16 autocast where `train.precision=auto` would train in it (never where it is emulated)."""
+    return choose_precision("auto", device.type).mode == "bf16"
+
+
 def extract_features(
     encoder: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", *, bf16: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of every image in `loader` (eval mode, no augmentation): ([N, D] float32, [N] long).
 
-    bf16 autocast defaults to on for CUDA; pass bf16=True on CPUs with AMX (as training did).
+    bf16=None: bf16 autocast where `train.precision=auto` would use it (bf16 GPUs, CPUs with native bf16).
     """
     return _forward_all(encoder, loader, device, bf16)
 
@@ -120,16 +126,34 @@ def knn_evaluate(
     return topk_accuracy(scores, test_labels)
 
 
+class PixelEncoder(nn.Module):
+    """Raw pixels as features: the image tensor the encoder would see (eval transform), flattened.
+
+    The baseline every accuracy stands beside (`--encoder pixels`, eval.pixel_baseline): an encoder
+    that scores below it on the same protocol has learned nothing kNN or a linear layer can use.
+    """
+
+    def __init__(self, in_chans: int = 3, image_size: int = 32) -> None:
+        super().__init__()
+        self.embed_dim = in_chans * image_size * image_size
+        self.backbone_name, self.backbone_kwargs = "pixels", {"in_chans": in_chans}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).float()  # [B, C, H, W] -> [B, C*H*W]
+
+
 class KNNMonitor:
     """kNN top-1 of the encoder on a labelled train/test pair; called by the engine every few epochs."""
 
     def __init__(self, train_set: Dataset, test_set: Dataset, *, k: int, temperature: float,
                  batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu",
-                 bf16: bool | None = None):
+                 bf16: bool | None = None, pixel_baseline: bool = False):
         self.loaders = [
             DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers) for ds in (train_set, test_set)
         ]
         self.k, self.temperature, self.device, self.bf16 = k, temperature, device, bf16
+        self.pixel_baseline = pixel_baseline
+        self._pixels: dict[str, Any] | None = None
 
     def __call__(self, method: nn.Module) -> dict[str, Any]:
         encoder = getattr(method, "encoder", method)
@@ -137,6 +161,12 @@ class KNNMonitor:
         test_f, test_y = extract_features(encoder, self.loaders[1], self.device, bf16=self.bf16)
         acc = knn_evaluate(train_f, train_y, test_f, test_y, k=self.k, temperature=self.temperature, device=self.device)
         return {f"knn_{name}": value for name, value in acc.items()}
+
+    def pixels(self) -> dict[str, Any]:
+        """The same kNN on raw pixels (computed once): the floor a learned encoder has to clear."""
+        if self._pixels is None:
+            self._pixels = self(PixelEncoder())
+        return self._pixels
 
 
 # --------------------------------------------------------------------------------------------

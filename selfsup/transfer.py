@@ -27,11 +27,13 @@ from selfsup.backbones import create_backbone
 from selfsup.checkpoints import list_checkpoints
 from selfsup.config import Config, ConfigError, load_config, save_config, to_dict
 from selfsup.data import build_dataset, dataset_info
+from selfsup.evaluation import PixelEncoder
 from selfsup.export import load_encoder
 from selfsup.sampling import ViewDataset
 from selfsup.transforms import build_eval_transform, build_views
 
 NAME_PREFIX = "timm:"
+PIXELS = "pixels"  # --encoder pixels: raw pixels as features, the baseline of every protocol
 
 # (flag, dotted config key, argparse keywords): each flag is sugar for one override
 COMMON_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -47,8 +49,8 @@ COMMON_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 def build_parser(description: str, flags: list[tuple[str, str, dict[str, Any]]]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--encoder", required=True,
-                        help="exported encoder dir, run dir or checkpoint dir; or a backbone name at random init "
-                             "(resnet18_small, timm:resnet18)")
+                        help="exported encoder dir, run dir or checkpoint dir; a backbone name at random init "
+                             "(resnet18_small, timm:resnet18); or 'pixels' (raw pixels, the baseline)")
     parser.add_argument("--config", default=None, help="YAML with the usual sections (data, optim, train, eval, probe, finetune)")
     for flag, key, kwargs in COMMON_FLAGS + flags:
         parser.add_argument(flag, dest=_dest(flag), default=None, **{"help": f"= {key}", **kwargs})
@@ -80,6 +82,10 @@ def setup(
     overrides = [f"{key}={json.dumps(value)}" for flag, key, _ in COMMON_FLAGS + flags
                  if (value := getattr(args, _dest(flag))) is not None]
     cfg = load_config(args.config, overrides + list(args.overrides), defaults=layered)
+    if encoder is None and args.encoder == PIXELS:
+        channels = int(cfg.backbone.kwargs.get("in_chans", 3))
+        encoder = PixelEncoder(channels, cfg.data.image_size)
+        meta = {"backbone": {"name": PIXELS, "kwargs": {"in_chans": channels}}, "pixels": True}
     if encoder is None:
         name = args.encoder[len(NAME_PREFIX):] if args.encoder.startswith(NAME_PREFIX) else args.encoder
         set_seed(cfg.train.seed)
@@ -156,6 +162,7 @@ def finish(run: ToolRun, tool: str, metrics: dict[str, Any], extra: dict[str, An
         **extra,
         "encoder": run.encoder_spec,
         "random_init": bool(run.meta.get("random_init", False)),
+        "pixels": bool(run.meta.get("pixels", False)),
         "dataset": run.cfg.data.dataset,
         "run_dir": str(run.run_dir),
     }
@@ -203,6 +210,8 @@ def _encoder_path(spec: str) -> Path | None:
 
 def _encoder_tag(spec: str, path: Path | None) -> str:
     """A short name for run directories: the run's name for RUN/encoder, `<name>_random` for a backbone name."""
+    if spec == PIXELS:
+        return PIXELS
     if path is None:
         return spec.removeprefix(NAME_PREFIX).replace("/", "_") + "_random"
     path = path.resolve()

@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from selfsup.config import ConfigError  # noqa: E402
+from selfsup.hardware import loader_workers  # noqa: E402
 from selfsup.engine import fit, make_accelerator, make_loader  # noqa: E402
 from selfsup.evaluation import ClassifierEvaluator, final_evaluation  # noqa: E402
 from selfsup.finetune import Classifier, SupervisedTask, build_finetune_optimizer, with_drop_path  # noqa: E402
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
                           ema_decay=ft.ema_decay)
     global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.accumulate_steps  # as fit computes it
     optimizer = build_finetune_optimizer(model, cfg, scaled_lr(cfg.optim, global_batch))
-    evaluate = ClassifierEvaluator(test_set, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+    evaluate = ClassifierEvaluator(test_set, batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data),
                                    device=accelerator.device, bf16=bf16)
     loader = make_loader(train_set, cfg.data, seed=cfg.train.seed)
     result = fit(task, loader, cfg, accelerator, run_dir=run.run_dir, evaluate=evaluate, optimizer=optimizer)

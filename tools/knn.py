@@ -5,7 +5,8 @@
 
 Features of the train and test splits are computed once (eval transform, no augmentation); the vote
 runs in blocks so a 1M x 1k feature bank fits in memory. Settings: eval.knn_k, eval.knn_temperature,
-eval.batch_size (extraction). Writes result.json in the run directory and prints a final JSON line.
+eval.batch_size (extraction); eval.pixel_baseline=true adds raw pixels scored the same way
+(`--encoder pixels` scores pixels alone). Writes result.json in the run directory and prints a final JSON line.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from selfsup.hardware import loader_workers  # noqa: E402
 from selfsup.engine import make_accelerator  # noqa: E402
-from selfsup.evaluation import extract_features, knn_evaluate  # noqa: E402
+from selfsup.evaluation import PixelEncoder, extract_features, knn_evaluate  # noqa: E402
 from selfsup.transfer import build_parser, exit_on_user_error, finish, labelled_sets, setup  # noqa: E402
 
 TOOL = "knn"
@@ -36,17 +38,22 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = run.cfg
     accelerator = make_accelerator(cfg)
     train_set, test_set, num_classes = labelled_sets(run, augment=False)
-    encoder = run.encoder.to(accelerator.device)
     bf16 = accelerator.mixed_precision == "bf16"
-    (train_f, train_y), (test_f, test_y) = (
-        extract_features(encoder, DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers),
-                         accelerator.device, bf16=bf16)
-        for ds in (train_set, test_set)
-    )
-    metrics = knn_evaluate(train_f, train_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-                           num_classes=num_classes, device=accelerator.device)
-    extra = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, "train_size": len(train_y),
-             "test_size": len(test_y), "num_classes": num_classes}
+
+    def score(encoder):
+        (train_f, train_y), (test_f, test_y) = (
+            extract_features(encoder, DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data)),
+                             accelerator.device, bf16=bf16)
+            for ds in (train_set, test_set)
+        )
+        return knn_evaluate(train_f, train_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                            num_classes=num_classes, device=accelerator.device)
+
+    metrics = score(run.encoder.to(accelerator.device))
+    extra = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, "train_size": len(train_set),
+             "test_size": len(test_set), "num_classes": num_classes}
+    if cfg.eval.pixel_baseline and not run.meta.get("pixels"):  # the same protocol on raw pixels
+        extra.update({f"pixels_{k}": v for k, v in score(PixelEncoder()).items()})
     return finish(run, TOOL, metrics, extra, args.output) if accelerator.is_main_process else metrics
 
 

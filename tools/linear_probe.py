@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
+from selfsup.hardware import loader_workers  # noqa: E402
 from selfsup.engine import fit, make_accelerator, make_loader  # noqa: E402
 from selfsup.evaluation import ClassifierEvaluator, extract_features, final_evaluation, linear_probe  # noqa: E402
 from selfsup.finetune import Classifier, SupervisedTask  # noqa: E402
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.probe.cache_features:
         encoder = run.encoder.to(accelerator.device)
         (train_f, train_y), (test_f, test_y) = (
-            extract_features(encoder, DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers),
+            extract_features(encoder, DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data)),
                              accelerator.device, bf16=bf16)
             for ds in (train_set, test_set)
         )
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:  # the frozen backbone stays in eval mode (BN statistics untouched); only the head trains
         model = Classifier(run.encoder, num_classes, freeze_backbone=True, head_batch_norm=cfg.probe.batch_norm)
         task = SupervisedTask(model, num_classes)
-        evaluate = ClassifierEvaluator(test_set, batch_size=cfg.eval.batch_size, num_workers=cfg.data.num_workers,
+        evaluate = ClassifierEvaluator(test_set, batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data),
                                        device=accelerator.device, bf16=bf16)
         loader = make_loader(train_set, cfg.data, seed=cfg.train.seed)
         result = fit(task, loader, cfg, accelerator, run_dir=run.run_dir, evaluate=evaluate)

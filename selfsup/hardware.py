@@ -1,0 +1,162 @@
+"""What this machine can do fast, asked once at start: the precision and the CPU threads/workers.
+
+Nothing here assumes the hardware. bf16 autocast on a CPU without native bf16 units (AVX2-only laptops
+and many cloud VMs) is emulated by oneDNN: a timm ResNet-18 step is ~35x slower than in fp32 there
+(docs/performance.md). So `auto` picks bf16 only where the CPU has AVX-512-BF16 or AMX, fp16 with loss
+scaling on GPUs without bf16, and fp32 otherwise; an explicit choice that would be emulated is kept
+but warned about. Threads and DataLoader workers are sized from the cores this process may use
+(`os.sched_getaffinity`), shared among the processes of this machine, so they never oversubscribe.
+Written here because neither torch nor Accelerate makes these choices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PrecisionChoice", "Parallelism", "choose_precision", "choose_parallelism", "usable_cores",
+           "cpu_native_bf16", "cpu_native_fp16", "cpu_isa", "plan_parallelism", "loader_workers",
+           "local_processes", "training_device_type"]
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+EMULATED_SLOWDOWN = "~20-40x slower than fp32"  # measured: 35x (ResNet-18 step, AVX2), docs/performance.md
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """Accelerate's mixed_precision value, why it was chosen, and a warning when it will be slow."""
+
+    mode: str  # no | bf16 | fp16
+    reason: str
+    warning: str | None = None
+
+    def describe(self) -> str:
+        return f"precision={self.mode} ({self.reason})"
+
+
+def cpu_isa() -> str:
+    """The vector ISA ATen dispatches to here (AVX2, AVX512, ...); honours ATEN_CPU_CAPABILITY."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_native_bf16() -> bool:
+    """bf16 matmul/conv units (AVX-512-BF16 or AMX) that oneDNN may use (not capped by ONEDNN_MAX_CPU_ISA)."""
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(hardware and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_native_fp16() -> bool:
+    """fp16 matmul units (AMX-FP16); everywhere else CPU fp16 autocast is emulated."""
+    return bool(torch.cpu._is_amx_fp16_supported() and torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def choose_precision(requested: str, device_type: str) -> PrecisionChoice:
+    """`auto`: bf16 on a CUDA GPU with bf16, fp16 (with loss scaling) on older GPUs, bf16 on a CPU with
+    native bf16, else fp32 (`no`). An explicit choice wins, with a warning where it would be emulated."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {requested!r}; use auto.")
+    if device_type == "cuda":
+        has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if requested == "auto":
+            if has_bf16:
+                return PrecisionChoice("bf16", "CUDA GPU with bf16")
+            return PrecisionChoice("fp16", "CUDA GPU without bf16: fp16 with loss scaling")
+        if requested == "bf16" and not has_bf16:
+            return PrecisionChoice("bf16", "set in the config", warning=(
+                "train.precision=bf16 on a GPU without native bf16 runs emulated and slow; "
+                "set train.precision=auto (fp16 with loss scaling here) or no."))
+        return PrecisionChoice(requested, "set in the config")
+
+    isa = cpu_isa()
+    bf16, fp16 = cpu_native_bf16(), cpu_native_fp16()
+    if requested == "auto":
+        if bf16:
+            return PrecisionChoice("bf16", f"CPU with native bf16: {isa}")
+        return PrecisionChoice("no", f"CPU without native bf16: {isa}")
+    if (requested == "bf16" and not bf16) or (requested == "fp16" and not fp16):
+        return PrecisionChoice(requested, "set in the config", warning=(
+            f"train.precision={requested} on a CPU without native {requested} ({isa}): autocast is emulated, "
+            f"{EMULATED_SLOWDOWN}. Set train.precision=auto (or no) to train in fp32 here."))
+    return PrecisionChoice(requested, "set in the config")
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """Intra-op threads of this process and its DataLoader workers, and why."""
+
+    threads: int
+    workers: int
+    reason: str
+
+    def describe(self) -> str:
+        return f"threads={self.threads} workers={self.workers} ({self.reason})"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, cgroups cpusets, SLURM), not the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS / Windows have no affinity query
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_parallelism(
+    threads: int | None,
+    workers: int | None,
+    *,
+    device_type: str,
+    local_processes: int = 1,
+    cpu_views: bool = True,
+) -> Parallelism:
+    """Split the cores this process may use between intra-op threads and DataLoader workers.
+
+    Each of the `local_processes` processes on this machine gets an equal share. On a CPU run the
+    threads do the training, so workers get a quarter of the share (per-image views; none when
+    `cpu_views` is False, i.e. views are made on the device) and threads the rest: threads + workers
+    never exceed the share, and with 1-2 cores (1 worker, 1 thread) a busy neighbour costs one core,
+    not both (issue 12: 7.6 s with 1 thread vs 12.1 s with 2 under load). On a GPU run the workers
+    feed the GPU, so they get the share less one core for the main process. A value set in the config
+    wins; the share is still printed.
+    """
+    cores = usable_cores()
+    share = max(1, cores // max(1, local_processes))
+    source = f"{cores} usable cores" + (f" / {local_processes} processes" if local_processes > 1 else "")
+    if device_type == "cuda":
+        auto_workers = min(8, share - 1) if cpu_views else min(2, share - 1)
+        auto_threads = max(1, min(4, share - auto_workers))
+    elif not cpu_views:
+        auto_workers, auto_threads = 0, share
+    else:
+        auto_workers = 0 if share == 1 else max(1, share // 4)
+        auto_threads = max(1, share - auto_workers)
+    chosen_threads = threads if threads is not None else auto_threads
+    chosen_workers = workers if workers is not None else auto_workers
+    set_by = [name for name, value in (("threads", threads), ("workers", workers)) if value is not None]
+    reason = source + (f"; {' and '.join(set_by)} set in the config" if set_by else "")
+    if threads is not None and threads < 1:
+        raise ValueError(f"train.threads must be >= 1 or null (auto), got {threads}.")
+    if workers is not None and workers < 0:
+        raise ValueError(f"data.num_workers must be >= 0 or null (auto), got {workers}.")
+    return Parallelism(chosen_threads, chosen_workers, reason)
+
+
+def local_processes() -> int:
+    """Training processes on this machine (torchrun and `accelerate launch` set LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def training_device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan_parallelism(threads: int | None, workers: int | None, augment_on: str = "workers") -> Parallelism:
+    """`choose_parallelism` for this process: its device, the processes beside it, where views are made."""
+    return choose_parallelism(threads, workers, device_type=training_device_type(),
+                              local_processes=local_processes(), cpu_views=augment_on != "device")
+
+
+def loader_workers(data_cfg) -> int:
+    """DataLoader workers for `data_cfg` (data.num_workers, or the auto choice when it is null)."""
+    return plan_parallelism(None, data_cfg.num_workers, data_cfg.augment_on).workers
