@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=128")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads for the step (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads for the step (= train.threads; default: the engine's choice from the usable cores)")
     parser.add_argument("--warmup", type=int, default=3, help="steps before timing (CPU bf16+channels_last needs ~8)")
     parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is reported")
@@ -72,10 +73,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from selfsup.config import ConfigError, load_config
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides) + ([f"train.threads={args.threads}"] if args.threads else [])
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_at_start = os.getloadavg()[0]
     result: dict[str, Any] = {
         "config": args.config, "overrides": list(args.overrides), "machine": machine(), "settings": {
-            "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "threads": torch.get_num_threads()},
+            "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "threads": cfg.train.threads or "auto",
+            "num_workers": cfg.data.num_workers if cfg.data.num_workers is not None else "auto"},
         "method": cfg.method.name, "backbone": cfg.backbone.name, "image_size": cfg.data.image_size,
         "batch_size": cfg.data.batch_size, "augment_on": cfg.data.augment_on, "precision": cfg.train.precision,
         "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
@@ -252,6 +253,7 @@ def measure_fit(cfg, args, *, real_loader: bool, bare: bool = False) -> dict[str
 
     from selfsup.builders import build_batch_transform, build_pretraining
     from selfsup.engine import fit, make_accelerator, make_loader
+    from selfsup.hardware import loader_workers
 
     warmup, steps, repeats = args.warmup, args.steps, args.repeats
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=warmup + steps * repeats))
@@ -297,7 +299,8 @@ def measure_fit(cfg, args, *, real_loader: bool, bare: bool = False) -> dict[str
     fit(method, loader, cfg, accelerator, run_dir=run_dir, batch_transform=transform)
     step_seconds = [ends[warmup + (k + 1) * steps] - resumes[warmup + k * steps] for k in range(repeats)]
     out: dict[str, Any] = {"step": summarize(step_seconds, cfg.data.batch_size, steps)}
-    out["step"].update(num_workers=cfg.data.num_workers, precision=accelerator.mixed_precision)
+    out["step"].update(num_workers=loader_workers(cfg.data), threads=torch.get_num_threads(),
+                       precision=accelerator.mixed_precision)
     if torch.cuda.is_available():
         out["step"]["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if bare_step is not None:

@@ -32,8 +32,11 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    from selfsup.hardware import cpu_isa, cpu_native_bf16, usable_cores
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+    return {"cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(), "usable_cores": usable_cores(), "gpu": gpu,
+            "isa": cpu_isa(), "native_bf16": cpu_native_bf16(), "torch": torch.__version__,
             "python": platform.python_version()}
 
 
@@ -47,8 +50,12 @@ def row_cells(result: dict[str, Any], label: str | None) -> list[str]:
     views, step, bare = result.get("view_pipeline", {}), result.get("step", {}), result.get("bare_backbone", {})
     memory = result["peak_memory_mb"]
     m = result["machine"]
-    amx = " (AMX)" if "amx_bf16" in m.get("cpu_flags", []) else ""
-    where = m["gpu"] if result["device"] == "cuda" else f"{m['cpu']}{amx}, {m['cores']} cores, {result['settings']['threads']} threads"
+    bf16 = "native bf16" if m.get("native_bf16", "amx_bf16" in m.get("cpu_flags", [])) else "no native bf16"
+    threads = step.get("threads", result["settings"]["threads"])
+    workers = result.get("end_to_end", {}).get("num_workers")
+    where = m["gpu"] if result["device"] == "cuda" else (
+        f"{m['cpu']} ({m.get('isa', '?')}, {bf16}), {m.get('usable_cores', m['cores'])} cores, {threads} threads"
+        + (f" + {workers} workers" if workers is not None else ""))
     name = label or " ".join([Path(result["config"]).stem, *result["overrides"]])
     return [
         f"{name} ({result['device']}, {PRECISION.get(result['precision'], result['precision'])})", where,
