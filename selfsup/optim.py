@@ -2,9 +2,11 @@
 
 timm's `create_optimizer_v2` already does what the papers ask for: SGD / AdamW / LAMB, no weight
 decay on biases, norms and the model's `no_weight_decay()` names, and layer-wise lr decay from the
-model's `group_matcher`. We add the batch-size lr scaling and step-based schedule, and one name
+model's `group_matcher`. We add the batch-size lr scaling and step-based schedule, and two names
 whose meaning differs from timm's:
 
+- `sgd` is plain momentum SGD as in the papers (MoCo v2, SimCLR's linear evaluation); timm's `sgd`
+  is Nesterov, which is offered here as `nesterov`.
 - `lars` is the LARS of MoCo v3 / MAE, written here by hand (`LARS` below) because timm's `Lars`
   adapts a weight only when its group has weight decay: with weight decay 0 (the linear probe) it
   silently becomes plain SGD. Parameter groups still come from timm's factory.
@@ -22,7 +24,8 @@ from torch import nn
 from selfsup.config import ConfigError, OptimConfig
 
 
-FUSED = ("sgd", "adam", "adamw")  # torch.optim classes with fused=True
+FUSED = ("sgd", "nesterov", "adam", "adamw")  # torch.optim classes with fused=True
+TIMM_NAMES = {"sgd": "momentum"}  # our name -> timm's, where they differ (timm's "sgd" is Nesterov)
 
 
 class LARS(torch.optim.Optimizer):
@@ -98,10 +101,10 @@ def build_optimizer(model: nn.Module | list[dict], cfg: OptimConfig, lr: float) 
     try:
         if name == "lars":
             return LARS_REGISTRY.create_optimizer(model, opt="lars", weight_decay_exclude_1d=cfg.exclude_bias_and_norm, **common)
-        return create_optimizer_v2(model, opt=name, filter_bias_and_bn=cfg.exclude_bias_and_norm, **common)
+        return create_optimizer_v2(model, opt=TIMM_NAMES.get(name, name), filter_bias_and_bn=cfg.exclude_bias_and_norm, **common)
     except (AssertionError, ValueError) as e:
         if "not found in registry" in str(e) or "Invalid optimizer" in str(e):
-            raise ConfigError(f"optim.name {cfg.name!r} is not an optimizer timm knows: use sgd, adamw, lars or lamb.") from e
+            raise ConfigError(f"optim.name {cfg.name!r} is not an optimizer timm knows: use sgd, nesterov, adamw, lars or lamb.") from e
         raise
 
 

@@ -84,3 +84,24 @@ def test_lars_without_weight_decay_is_not_plain_sgd():
     step = (probe.weight.detach() - w0).norm()
     torch.testing.assert_close(step, 0.1 * 1e-3 * w0.norm())
     assert step < 0.01 * 0.1 * g.norm()
+
+
+# ---------------------------------------------------------------------------------------------
+# SGD: `sgd` is the papers' plain momentum SGD (MoCo v2, SimCLR linear eval); `nesterov` is its own name.
+
+
+@pytest.mark.parametrize("name, nesterov", [("sgd", False), ("nesterov", True)])
+def test_sgd_is_plain_momentum_and_nesterov_is_its_own_name(name, nesterov):
+    lr, momentum, weight_decay = 0.5, 0.9, 0.1
+
+    def sgd(name_, w, g, buffers):
+        d = g + weight_decay * w if w.ndim > 1 else g  # timm's groups: no decay on biases and norms
+        buffers[name_] = momentum * buffers[name_] + d if name_ in buffers else d
+        return w - lr * (d + momentum * buffers[name_] if nesterov else buffers[name_])
+
+    model = small_model()
+    expected = reference_steps(model, 2, sgd)
+    optimizer = build_optimizer(model, OptimConfig(name=name, weight_decay=weight_decay, momentum=momentum), lr=lr)
+    assert [g["nesterov"] for g in optimizer.param_groups] == [nesterov] * len(optimizer.param_groups)
+    run_steps(model, optimizer, 2)
+    assert_same_parameters(model, expected)
