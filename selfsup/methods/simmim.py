@@ -1,6 +1,7 @@
 """SimMIM (Xie et al. 2022, "SimMIM: A Simple Framework for Masked Image Modeling").
 
-Sec. 3 of the paper: mask random blocks of `mask_patch_size` pixels (32 px at 192 px, 60%),
+Sec. 3 of the paper: mask random blocks of `mask_patch_size` pixels (32 px at 192 px, 60%; unset, the
+block is about a sixth of the image side here too, e.g. 4 px at 32 px),
 replace the masked patch embeddings by one learnable mask token, encode ALL tokens with the ViT,
 predict raw pixels with a one-layer head (1x1 conv to stride^2 * C channels + pixel shuffle), and
 take the L1 loss over masked pixels. Masks are drawn per sample in the data pipeline
@@ -32,7 +33,9 @@ from selfsup.methods.base import Method, StepOutput
 @dataclass
 class SimMIMConfig:
     name: str = "simmim"
-    mask_patch_size: int = 32  # pixels per mask block side: a multiple of the patch size dividing the image
+    # pixels per mask block side: a multiple of the patch size dividing the image, >= 2 x 2 blocks;
+    # None: about image side / 6 (SimMIM's 32 px at 192 px), see masking.default_mask_patch_size
+    mask_patch_size: int | None = None
     mask_ratio: float = 0.6  # fraction of blocks masked
 
 
