@@ -50,7 +50,7 @@ class BackboneConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw | lars | lamb | any timm optimizer; unset in pretraining: the method's recipe
+    name: str = "sgd"  # sgd (plain momentum) | nesterov | adamw | lars (MoCo v3 / MAE) | lamb | any timm optimizer; unset in pretraining: the method's recipe
     lr: float = 0.3  # base learning rate for a global batch of 256 (see lr_scaling)
     lr_scaling: str = "linear"  # linear: lr * global_batch / 256 | sqrt | none
     weight_decay: float = 1e-4

@@ -18,12 +18,15 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from selfsup.config import ConfigError
+
 __all__ = [
     "patchify",
     "unpatchify",
     "random_masking",
     "SimMIMMaskGenerator",
     "valid_mask_patch_sizes",
+    "default_mask_patch_size",
     "WithMask",
     "masked_mse",
     "masked_l1",
@@ -108,35 +111,80 @@ def random_masking(
 # in the data pipeline (CPU workers), upsampled to the model's patch grid.
 
 
+# A layout needs at least a 2 x 2 grid of blocks: below 4 blocks ceil(ratio x blocks) is 1.0 of the
+# image at 1 or 2 blocks and 2/3 at 3 (ratio 0.6), i.e. the realised ratio misses the asked one by
+# >= 1/3, and at most 3 distinct masks exist, so there is hardly a pretext task left. (SimMIM's own
+# layouts have 36 and 49 blocks.)
+MIN_MASK_BLOCKS = 4
+
+
 def valid_mask_patch_sizes(image_size: tuple[int, int], patch_size: int) -> list[int]:
     """Mask block sizes that are multiples of the model patch and divide both image sides."""
     return [s for s in range(patch_size, min(image_size) + 1, patch_size) if all(side % s == 0 for side in image_size)]
 
 
+def _num_blocks(image_size: tuple[int, int], mask_patch_size: int) -> int:
+    return (image_size[0] // mask_patch_size) * (image_size[1] // mask_patch_size)
+
+
+def default_mask_patch_size(image_size: int | tuple[int, int], patch_size: int) -> int:
+    """The block side SimMIM uses relative to its image: 32 px at 192 px (6 x 6 blocks; at 224 px, 7 x 7),
+    i.e. the valid size (multiple of the patch, dividing the image, >= MIN_MASK_BLOCKS blocks) closest
+    to image side / 6, the smaller on a tie.
+    """
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    usable = [s for s in valid_mask_patch_sizes(image_size, patch_size) if _num_blocks(image_size, s) >= MIN_MASK_BLOCKS]
+    if not usable:
+        raise ConfigError(
+            f"SimMIM cannot lay out {MIN_MASK_BLOCKS} mask blocks on a {image_size[0]}x{image_size[1]} image of "
+            f"{patch_size} px patches; use a larger data.image_size (and backbone.kwargs.img_size) or a smaller "
+            "backbone.kwargs.patch_size."
+        )
+    return min(usable, key=lambda s: abs(s - min(image_size) / 6))
+
+
 class SimMIMMaskGenerator:
     """Draws [h, w] bool masks on the model's patch grid: ceil(ratio * blocks) blocks of
     `mask_patch_size` pixels are masked (True), with torch's global RNG unless given a generator.
+    `mask_patch_size` None: `default_mask_patch_size` (about a sixth of the image side).
     """
 
     def __init__(
-        self, image_size: int | tuple[int, int], mask_patch_size: int, model_patch_size: int, mask_ratio: float
+        self, image_size: int | tuple[int, int], mask_patch_size: int | None, model_patch_size: int, mask_ratio: float
     ) -> None:
         image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"method.mask_ratio must lie in (0, 1), got {mask_ratio}")
+            raise ConfigError(f"method.mask_ratio must lie in (0, 1), got {mask_ratio}")
+        if mask_patch_size is None:
+            mask_patch_size = default_mask_patch_size(image_size, model_patch_size)
         if mask_patch_size % model_patch_size or any(side % mask_patch_size for side in image_size):
             valid = valid_mask_patch_sizes(image_size, model_patch_size)
-            raise ValueError(
+            raise ConfigError(
                 f"method.mask_patch_size={mask_patch_size} must be a multiple of the model's patch size "
                 f"({model_patch_size}) and divide the image size {image_size[0]}x{image_size[1]}; "
                 f"valid values here: {', '.join(map(str, valid))}"
+            )
+        num_blocks = _num_blocks(image_size, mask_patch_size)
+        num_masked = math.ceil(num_blocks * mask_ratio)  # as SimMIM's MaskGenerator
+        if num_blocks < MIN_MASK_BLOCKS:
+            smaller = [s for s in valid_mask_patch_sizes(image_size, model_patch_size) if _num_blocks(image_size, s) >= MIN_MASK_BLOCKS]
+            raise ConfigError(
+                f"method.mask_patch_size={mask_patch_size} cuts the {image_size[0]}x{image_size[1]} image into "
+                f"{num_blocks} block(s); SimMIM needs at least {MIN_MASK_BLOCKS} to hide some and show others. "
+                f"Leave method.mask_patch_size unset (about image side / 6) or use one of: {', '.join(map(str, smaller)) or 'none'}."
+            )
+        if num_masked >= num_blocks:
+            raise ConfigError(
+                f"method.mask_ratio={mask_ratio} masks ceil({mask_ratio} x {num_blocks}) = {num_masked} of the "
+                f"{num_blocks} blocks, leaving none visible; lower method.mask_ratio below {(num_blocks - 1) / num_blocks:.3g} "
+                "or use a smaller method.mask_patch_size (more blocks)."
             )
         self.image_size = image_size
         self.mask_patch_size = mask_patch_size
         self.scale = mask_patch_size // model_patch_size  # model patches per mask block side
         self.blocks = (image_size[0] // mask_patch_size, image_size[1] // mask_patch_size)
-        self.num_blocks = self.blocks[0] * self.blocks[1]
-        self.num_masked = math.ceil(self.num_blocks * mask_ratio)  # as SimMIM's MaskGenerator
+        self.num_blocks = num_blocks
+        self.num_masked = num_masked
         self.mask_ratio = mask_ratio
 
     def __call__(self, generator: torch.Generator | None = None) -> Tensor:

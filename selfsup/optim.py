@@ -1,8 +1,15 @@
-"""Optimizer, parameter groups and the warmup-cosine schedule, all from timm.
+"""Optimizer, parameter groups and the warmup-cosine schedule, from timm where it matches the papers.
 
-timm's `create_optimizer_v2` already does what the papers ask for: SGD / AdamW / LARS / LAMB,
-no weight decay on biases, norms and the model's `no_weight_decay()` names, and layer-wise lr
-decay from the model's `group_matcher`. We add the batch-size lr scaling and step-based schedule.
+timm's `create_optimizer_v2` already does what the papers ask for: SGD / AdamW / LAMB, no weight
+decay on biases, norms and the model's `no_weight_decay()` names, and layer-wise lr decay from the
+model's `group_matcher`. We add the batch-size lr scaling and step-based schedule, and two names
+whose meaning differs from timm's:
+
+- `sgd` is plain momentum SGD as in the papers (MoCo v2, SimCLR's linear evaluation); timm's `sgd`
+  is Nesterov, which is offered here as `nesterov`.
+- `lars` is the LARS of MoCo v3 / MAE, written here by hand (`LARS` below) because timm's `Lars`
+  adapts a weight only when its group has weight decay: with weight decay 0 (the linear probe) it
+  silently becomes plain SGD. Parameter groups still come from timm's factory.
 """
 
 from __future__ import annotations
@@ -10,14 +17,59 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import OptimInfo, OptimizerRegistry, create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from selfsup.config import ConfigError, OptimConfig
 
 
-FUSED = ("sgd", "adam", "adamw")  # torch.optim classes with fused=True
+FUSED = ("sgd", "nesterov", "adam", "adamw")  # torch.optim classes with fused=True
+TIMM_NAMES = {"sgd": "momentum"}  # our name -> timm's, where they differ (timm's "sgd" is Nesterov)
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as MoCo v3 and MAE run it (facebookresearch/mae util/lars.py, lines 31-47
+    at 6a2ba40): a weight with ndim > 1 steps along d = g + wd * w scaled by the trust ratio
+    eta * ||w|| / ||d||, whatever its weight decay; biases and norms (ndim <= 1) take the plain
+    momentum step on g, with neither decay nor adaptation. Momentum: buf = m * buf + d, w -= lr * buf.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 trust_coefficient: float = 1e-3) -> None:
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "trust_coefficient": trust_coefficient}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=group["weight_decay"])
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    # ratio 1 where either norm is 0 (a zero-initialised weight, an unused one)
+                    ratio = torch.where((w_norm > 0) & (d_norm > 0), group["trust_coefficient"] * w_norm / d_norm, 1.0)
+                    d = d.mul(ratio)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = d.clone()  # m * 0 + d
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(d)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+# A private timm registry holding only our LARS: its parameter groups are built by timm's own factory
+# (no decay on no_weight_decay() names, layer decay) without touching timm's global registry.
+LARS_REGISTRY = OptimizerRegistry()
+LARS_REGISTRY.register(OptimInfo(name="lars", opt_class=LARS, description="LARS as in MoCo v3 / MAE", has_momentum=True))
 
 
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
@@ -45,20 +97,14 @@ def build_optimizer(model: nn.Module | list[dict], cfg: OptimConfig, lr: float) 
             raise ConfigError(f"optim.fused=true needs an optimizer with fused kernels ({', '.join(FUSED)}), "
                               f"not {cfg.name!r}; set optim.fused=false.")
         kwargs["fused"] = True
+    common = dict(lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay, **kwargs)
     try:
-        return create_optimizer_v2(
-            model,
-            opt=name,
-            lr=lr,
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum,
-            filter_bias_and_bn=cfg.exclude_bias_and_norm,
-            layer_decay=cfg.layer_decay,
-            **kwargs,
-        )
+        if name == "lars":
+            return LARS_REGISTRY.create_optimizer(model, opt="lars", weight_decay_exclude_1d=cfg.exclude_bias_and_norm, **common)
+        return create_optimizer_v2(model, opt=TIMM_NAMES.get(name, name), filter_bias_and_bn=cfg.exclude_bias_and_norm, **common)
     except (AssertionError, ValueError) as e:
         if "not found in registry" in str(e) or "Invalid optimizer" in str(e):
-            raise ConfigError(f"optim.name {cfg.name!r} is not an optimizer timm knows: use sgd, adamw, lars or lamb.") from e
+            raise ConfigError(f"optim.name {cfg.name!r} is not an optimizer timm knows: use sgd, nesterov, adamw, lars or lamb.") from e
         raise
 
 

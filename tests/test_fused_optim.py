@@ -10,7 +10,7 @@ from selfsup.config import ConfigError, OptimConfig
 from selfsup.optim import build_optimizer
 
 
-@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["sgd", "nesterov", "adamw"])
 def test_fused_update_equals_the_default_one(name):
     torch.manual_seed(0)
     # no bias right before a BatchNorm: its gradient is rounding noise, which Adam scales up to lr-sized steps

@@ -9,6 +9,7 @@ from selfsup.checkpoints import list_checkpoints
 from selfsup.config import from_dict
 from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.export import load_encoder, save_encoder
+from selfsup.methods.simclr import SimCLR, SimCLRConfig, use_sync_bn
 from tests import crashing_method
 from tests.conftest import read_losses, tiny_config_dict, write_config
 
@@ -73,3 +74,25 @@ def test_tools_export_from_checkpoint_matches_final_encoder(tmp_path):
     assert meta["data"]["image_size"] == 16
     for key, value in final.state_dict().items():
         assert torch.equal(value, from_ckpt.state_dict()[key]), key
+
+
+@pytest.mark.parametrize(
+    "sync_bn, world_size, backend, expected",
+    [(None, 1, None, False), (None, 2, "nccl", True), (None, 2, "gloo", False), (False, 2, "nccl", False),
+     (True, 1, None, True)],
+)
+def test_sync_bn_defaults_to_global_bn_on_several_accelerator_processes(sync_bn, world_size, backend, expected):
+    """SimCLR Sec. 2.2 global BN: unset, BN syncs when > 1 process trains on GPUs (SyncBN has no CPU kernel)."""
+    assert use_sync_bn(sync_bn, world_size, backend) == expected
+
+
+@pytest.mark.parametrize("sync_bn, expected", [(True, True), (False, False), (None, False)])
+def test_sync_bn_converts_every_batch_norm_and_runs_on_one_process(sync_bn, expected):
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    backbone.embed_dim = 8
+    model = SimCLR(backbone, SimCLRConfig(sync_bn=sync_bn, proj_hidden_dim=16, proj_out_dim=8))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 2 and all(isinstance(m, torch.nn.SyncBatchNorm) == expected for m in norms)
+    views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    assert torch.isfinite(model((views, None)).loss)  # without a process group SyncBatchNorm is plain BN

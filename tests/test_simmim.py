@@ -14,6 +14,7 @@ from torch.testing import assert_close
 import pretrain
 from selfsup.backbones import create_backbone
 from selfsup.config import ConfigError, from_dict
+from selfsup.masking import SimMIMMaskGenerator
 from selfsup.methods.simmim import SimMIM, SimMIMConfig
 from tests.conftest import read_losses, tiny_config_dict, write_config
 
@@ -87,6 +88,41 @@ def test_mask_patch_size_is_checked_when_the_method_is_built(tmp_path):
         SimMIM(create_backbone("vit_tiny_patch4", img_size=28), cfg.method)
     with pytest.raises(ConfigError, match="mask_ratio"):
         from_dict(tiny_config_dict(tmp_path, method={"name": "simmim", "mask_ratio": "high"}))
+
+
+def test_the_default_mask_layout_at_32_px_leaves_visible_blocks_near_the_mask_ratio():
+    """`method.name=simmim` alone with a patch-4 ViT at the default 32 px: some blocks masked, some seen."""
+    cfg = from_dict({"method": {"name": "simmim"}, "backbone": {"name": "vit_tiny_patch4"}})
+    assert cfg.data.image_size == 32
+    torch.manual_seed(0)
+    model = SimMIM(create_backbone("vit_tiny_patch4", embed_dim=32, depth=1, num_heads=2), cfg.method)
+    masks = torch.stack([model.mask_generator() for _ in range(16)])  # [16, 8, 8] on the patch grid
+    fraction = masks.float().mean().item()
+    assert 0.5 < fraction < 0.7, fraction  # ceil(0.6 x blocks) / blocks, not the whole image
+    assert (~masks).flatten(1).any(1).all()  # every sample keeps visible patches
+
+
+@pytest.mark.parametrize(
+    "image, patch, expected",
+    [(192, 16, 32), (224, 16, 32), (192, 4, 32), (32, 4, 4), (28, 4, 4), (16, 4, 4), (32, 16, 16)],
+)
+def test_the_default_mask_block_is_about_a_sixth_of_the_image(image, patch, expected):
+    """microsoft/SimMIM masks 32 px blocks at 192 px (6 x 6 blocks, configs/swin_base__100ep) and at 224 px
+    (7 x 7, configs/vit_base__800ep); unset, the block side is the valid size closest to image / 6."""
+    assert SimMIMMaskGenerator(image, None, patch, 0.6).mask_patch_size == expected
+
+
+@pytest.mark.parametrize(
+    "image, mask_patch_size, mask_ratio, match",
+    [(32, 32, 0.6, "method.mask_patch_size=32 .* 1 block"),  # the old default at 32 px: one block, all masked
+     (32, 16, 0.9, "method.mask_ratio=0.9 .* none visible"),  # 4 blocks, ceil(3.6) = 4 masked
+     (16, 16, 0.6, "method.mask_patch_size=16 .* 1 block")],
+)
+def test_a_mask_layout_with_no_visible_block_or_too_few_blocks_is_a_config_error(image, mask_patch_size, mask_ratio, match):
+    with pytest.raises(ConfigError, match=match):
+        SimMIMMaskGenerator(image, mask_patch_size, 4, mask_ratio)
+    with pytest.raises(ConfigError, match="method.mask_patch_size"):
+        SimMIM(create_backbone("vit_tiny_patch4", embed_dim=32, depth=1, num_heads=2), SimMIMConfig(mask_patch_size=32))
 
 
 def test_simmim_trains_writes_reconstructions_and_exports_timm_loadable_weights(tmp_path):

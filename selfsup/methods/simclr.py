@@ -4,6 +4,11 @@ Algorithm 1 of the paper: two augmented views of each image -> encoder f -> proj
 NT-Xent over the 2N views, where each view's positive is the other view of its image and the
 other 2N - 2 views are negatives. Across processes the views of every process are negatives too
 (gathered with gradients, so N processes x B equals one process x N*B).
+
+Global BN (Sec. 2.2): BN mean and variance come from all devices, or a view and its positive, normalised
+with the same few samples' statistics, leak a shortcut. `sync_bn` unset turns every BN into SyncBatchNorm
+when several processes train on accelerators (torch's SyncBatchNorm has no CPU kernel, so CPU processes,
+backend gloo, keep per-process BN); on one process BN already sees the whole batch and nothing is needed.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from selfsup import distributed
@@ -27,6 +33,7 @@ class SimCLRConfig:
     proj_out_dim: int = 128
     proj_layers: int = 2
     proj_batch_norm: bool = True  # BN in the projection MLP (SimCLR v2 / solo-learn); False: paper v1
+    sync_bn: bool | None = None  # SyncBatchNorm everywhere (global BN); None: on with > 1 process on GPUs (not gloo)
 
 
 class SimCLR(Method):
@@ -48,6 +55,9 @@ class SimCLR(Method):
             cfg.proj_layers,
             batch_norm=cfg.proj_batch_norm,
         )
+        backend = dist.get_backend() if distributed.is_distributed() else None
+        if use_sync_bn(cfg.sync_bn, distributed.world_size(), backend):
+            nn.SyncBatchNorm.convert_sync_batchnorm(self)  # swaps BN children in place; self is no BN
 
     def forward(self, batch) -> StepOutput:
         views, _ = batch
@@ -68,3 +78,11 @@ class SimCLR(Method):
                 )
         loss = torch.stack(losses).mean()
         return StepOutput(loss, {})
+
+
+def use_sync_bn(sync_bn: bool | None, world_size: int, backend: str | None) -> bool:
+    """The config's choice, or by default global BN when several processes train on accelerators
+    (nccl and the like; gloo means CPU processes, where SyncBatchNorm cannot run)."""
+    if sync_bn is not None:
+        return sync_bn
+    return world_size > 1 and backend not in (None, "gloo")
