@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from selfsup.config import from_dict
 from selfsup.engine import make_accelerator
@@ -79,3 +80,41 @@ def test_linear_probe_separates_separable_features(tmp_path, optimizer, batch_no
     out = linear_probe(train_x, train_y, test_x, test_y, cfg, make_accelerator(cfg), run_dir=tmp_path / "probe")
     assert out["top1"] > 99.0, out
     assert (tmp_path / "probe" / "metrics.jsonl").is_file()  # trained by the engine, logged like pretraining
+
+
+def test_pixel_baseline_is_knn_on_the_flattened_eval_images():
+    """KNNMonitor.pixels() equals a kNN written here on the stacked, flattened eval-transform tensors."""
+    from selfsup.builders import build_labelled_pair
+    from selfsup.evaluation import KNNMonitor
+
+    train_set, test_set = build_labelled_pair("synthetic", root=None, image_size=8, in_chans=3, max_train=64,
+                                              max_test=32, num_samples=96, num_classes=4)
+    monitor = KNNMonitor(train_set, test_set, k=5, temperature=0.1, batch_size=16)
+
+    def stacked(ds):
+        images, labels = zip(*(ds[i] for i in range(len(ds))))
+        return torch.stack(images).reshape(len(ds), -1), torch.tensor(labels)
+
+    (a, ay), (b, by) = stacked(train_set), stacked(test_set)
+    sim = F.normalize(b, dim=1) @ F.normalize(a, dim=1).T  # [M, N] cosine
+    top, idx = sim.topk(5, dim=1)
+    votes = torch.zeros(len(b), 4).scatter_add_(1, ay[idx], (top / 0.1).exp())
+    expected = 100.0 * (votes.argmax(1) == by).float().mean().item()
+    assert monitor.pixels()["knn_top1"] == pytest.approx(expected)
+    assert monitor.pixels() is monitor.pixels()  # computed once
+
+
+def test_pretrain_summary_puts_the_encoder_beside_random_init_and_pixels(tmp_path, capsys):
+    import pretrain
+    from tests.conftest import tiny_config_dict, write_config
+
+    cfg = tiny_config_dict(tmp_path, train={"max_steps": 2},
+                           eval={"at_end": True, "random_init_baseline": True, "pixel_baseline": True,
+                                 "max_train_samples": 64, "max_test_samples": 32, "knn_k": 5})
+    summary = pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    for key in ("knn_top1", "random_init_knn_top1", "pixels_knn_top1"):
+        assert 0 <= summary[key] <= 100, key
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("[selfsup] kNN top-1: encoder") and "raw pixels" in line and "random init" in line
+    above = summary["knn_top1"] > summary["pixels_knn_top1"]
+    assert ("above raw pixels" if above else "raw pixels") in line

@@ -129,3 +129,15 @@ def test_shipped_eval_configs_load(name):
 
     cfg = load_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.data.dataset == "fashion_mnist" and cfg.data.image_size == 28
+
+
+def test_knn_tool_scores_raw_pixels_alone_and_beside_an_encoder(folder, encoder_dir, tmp_path, capsys):
+    knn = load_tool("knn")
+    pixels = knn(["--encoder", "pixels", "--dataset", "image_folder", "--image-size", "16", "--k", "3"]
+                 + common(folder, tmp_path))
+    check_result(pixels, tmp_path, capsys, "knn")
+    assert pixels["pixels"] and not pixels["random_init"] and pixels["top1"] > 80  # colours separate in pixel space
+    both = knn(["--encoder", str(encoder_dir), "--k", "3", "eval.pixel_baseline=true", "--output-dir",
+                str(tmp_path / "both")] + common(folder, tmp_path))
+    check_result(both, tmp_path, capsys, "knn")
+    assert both["pixels_top1"] == pytest.approx(pixels["top1"])  # the same protocol, the same figure
