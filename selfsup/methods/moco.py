@@ -52,10 +52,12 @@ class MoCoConfig:
     # m, or m0 of the cosine schedule; None: 0.999 (v2, main_moco.py --moco-m) or 0.99 (v3, moco-v3 --moco-m)
     momentum: float | None = None
     momentum_schedule: str | None = None  # constant | cosine (m0 -> 1); None: v2 constant, v3 cosine
-    queue_size: int = 4096  # K (v2 only); a multiple of the global batch; the paper uses 65536
+    # K (v2 only), a multiple of the global batch. The paper's 65536 on purpose not: more keys than small datasets
+    # hold (Fashion-MNIST: 60 000), so the queue would repeat images from over an epoch ago
+    queue_size: int = 4096
     symmetric: bool | None = None  # v2: symmetrised loss ("MoCo v2+"); None: v2 false, v3 true (always)
     shuffle_bn: bool = True  # shuffle the key batch across processes (a no-op on one process)
-    sync_bn: bool = False  # SyncBatchNorm everywhere instead of shuffle-BN (GPU only)
+    sync_bn: bool = False  # SyncBatchNorm everywhere instead of shuffle-BN (GPU only; MoCo v3's code always syncs)
     proj_hidden_dim: int | None = None  # None: 2048 (v2: ResNet-50's width) or 4096 (v3, --moco-mlp-dim)
     proj_out_dim: int | None = None  # None: 128 (v2, --moco-dim) or 256 (v3, --moco-dim)
     proj_layers: int | None = None  # None: 2 (v2; v3 ResNet), 3 (v3 ViT)
