@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models._manipulate import MATCH_PREV_GROUP  # (99999,): "append to the previous group"
 from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -49,6 +50,18 @@ _ANCHOR = re.compile(r"(?<![\[\\])\^")
 def _under(prefix: str, pattern: str) -> str:
     """The regex `pattern` (matched with re.match) re-rooted at `prefix.`."""
     return rf"{re.escape(prefix)}\.(?:{_ANCHOR.sub('', pattern)})"
+
+
+def _without_tail(match: Any) -> Any:
+    """A timm group spec without its tail entry: the final norm (or head conv) that timm appends to the last
+    block with MATCH_PREV_GROUP and no index of its own. Left unmatched, it joins the classifier head at lr
+    scale 1.0, as in MAE's `param_groups_lrd` (util/lr_decay.py: every name outside the stem and the blocks
+    gets layer id L + 1). Appended sub-modules that carry a block index (a stage's transition) stay put.
+    """
+    if match is None or isinstance(match, str):
+        return match
+    return [(pattern, suffix) for pattern, suffix in match
+            if not (tuple(suffix or ()) == MATCH_PREV_GROUP and re.compile(pattern).groups == 0)]
 
 
 class Classifier(nn.Module):
@@ -86,6 +99,8 @@ class Classifier(nn.Module):
                 "group_matcher, so layer-wise lr decay cannot tell its layers apart; use --mode discriminative."
             )
         spec = inner(coarse=coarse)
+        if isinstance(spec, dict):
+            spec = {group: _without_tail(match) for group, match in spec.items()}
         if callable(spec):
             prefix = "backbone."
             return lambda name: spec(name[len(prefix):]) if name.startswith(prefix) else (float("inf"),)
@@ -170,8 +185,8 @@ def build_finetune_optimizer(model: Classifier, cfg: Config, lr: float) -> torch
 
     frozen / full: one lr (a frozen backbone has requires_grad=False and stays out);
     discriminative: backbone groups at lr x backbone_lr_scale; layer_decay: group of layer i at
-    lr x decay^(L + 1 - i) from timm's grouping (head: L + 1). Biases, norms, position embeddings
-    and class tokens never get weight decay.
+    lr x decay^(L + 1 - i) from timm's grouping (head and the backbone's final norm: L + 1, as in MAE).
+    Biases, norms, position embeddings and class tokens never get weight decay.
     """
     mode, optim = cfg.finetune.mode, cfg.optim
     if mode == "layer_decay" and optim.layer_decay is None:

@@ -17,7 +17,10 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["VIEW_PRESETS", "VIEW_OPTIONS", "MultiView", "EvalTransform", "build_views", "build_eval_transform"]
+__all__ = [
+    "VIEW_PRESETS", "VIEW_OPTIONS", "SIZE_PRESETS", "MultiView", "EvalTransform", "build_views", "build_eval_transform",
+    "resolve_preset",
+]
 
 # Keys whose value is a (min, max) pair; a per-view list of them is a list of pairs.
 _RANGE_KEYS = ("crop_scale", "crop_ratio", "blur_sigma")
@@ -44,14 +47,25 @@ _BASE: dict[str, Any] = {
     "solarize_threshold": 0.5,  # on images scaled to [0, 1]
 }
 
+_SIMCLR_IMAGENET = {
+    "jitter_p": 0.8, "brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2, "grayscale_p": 0.2, "blur_p": 0.5,
+}
+
 # A tuple of scalars (or of pairs, for range keys) gives one entry per view (asymmetric recipes);
 # presets cycle it when num_views differs.
 VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType({
     name: MappingProxyType({**_BASE, **values})
     for name, values in {
-        # SimCLR (Chen et al. 2020, App. A): colour jitter s=0.5 -> (0.4, 0.4, 0.4, 0.1).
-        "simclr": {"jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
-        # MoCo v2 (Chen et al. 2020, "Improved baselines"): SimCLR's recipe with crops from 20%.
+        # SimCLR (Chen et al. 2020, App. A; google-research/simclr tf2/data_util.py color_jitter: 0.8 s for
+        # brightness, contrast, saturation, 0.2 s for hue). "simclr" picks by image size (SIZE_PRESETS):
+        # the ImageNet recipe, s = 1.0 with blur half the time (run.py color_jitter_strength 1.0, use_blur), or
+        # the CIFAR-10 recipe of the README and App. B.9, s = 0.5 without blur (--color_jitter_strength=0.5
+        # --use_blur=False at 32 px). Both are nameable: simclr_imagenet, simclr_cifar.
+        "simclr": _SIMCLR_IMAGENET,
+        "simclr_imagenet": _SIMCLR_IMAGENET,
+        "simclr_cifar": {"jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.0},  # _BASE's jitter is s = 0.5
+        # MoCo v2 (Chen et al. 2020, "Improved baselines"; facebookresearch/moco main_moco.py --aug-plus): SimCLR's
+        # ImageNet ops with the jitter not strengthened (0.4, 0.4, 0.4, 0.1) and crops from 20%, at any size.
         "moco_v2": {"crop_scale": (0.2, 1.0), "jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
         # MoCo v3 (Chen et al. 2021) = BYOL's asymmetric views (Grill et al. 2020, Table 6).
         "moco_v3": {
@@ -67,6 +81,18 @@ VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyTy
         "finetune": {"num_views": 1, "crop_scale": (0.2, 1.0)},
     }.items()
 })
+
+
+# Presets whose paper has a recipe per image size: below this side (px) the name means the small-image one.
+SIZE_PRESETS: MappingProxyType[str, tuple[int, str]] = MappingProxyType({"simclr": (96, "simclr_cifar")})
+
+
+def resolve_preset(preset: str, image_size: int) -> str:
+    """The preset a name means at this image size ("simclr" at 32 px is SimCLR's CIFAR-10 recipe)."""
+    if preset in SIZE_PRESETS:
+        min_size, small = SIZE_PRESETS[preset]
+        return small if image_size < min_size else preset
+    return preset
 
 
 class MultiView:
@@ -104,6 +130,8 @@ def build_views(
 ) -> MultiView:
     """Views for a method's augmentation recipe; `num_views=None` keeps the preset's count (2, or 1 for MAE/SimMIM).
 
+    A preset with a recipe per image size (SIZE_PRESETS) resolves by `image_size`.
+
     Each override (see VIEW_OPTIONS) is one value for all views or a list with one value per view.
     """
     if preset not in VIEW_PRESETS:
@@ -115,7 +143,7 @@ def build_views(
             raise ValueError(
                 f"unknown view option {key!r}{_did_you_mean(key, VIEW_OPTIONS)}; valid: {', '.join(VIEW_OPTIONS)}"
             )
-    settings = dict(VIEW_PRESETS[preset])
+    settings = dict(VIEW_PRESETS[resolve_preset(preset, image_size)])
     preset_views = settings.pop("num_views")
     num_views = preset_views if num_views is None else num_views
     if num_views < 1:

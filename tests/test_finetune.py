@@ -54,14 +54,13 @@ def scheduled_lrs(model, optimizer, cfg):
 
 
 def vit_layer_id(name: str, depth: int) -> int:
-    """BEiT / MAE numbering from the name; timm keeps the final norm with the last block."""
+    """MAE's numbering from the name (util/lr_decay.py get_layer_id_for_vit): the final norm sits with the
+    head at L + 1 (scale 1.0), where timm's own grouping keeps it with the last block."""
     if re.match(r"backbone\.(cls_token|pos_embed|patch_embed|reg_token)", name):
         return 0
     if m := re.match(r"backbone\.blocks\.(\d+)\.", name):
         return int(m.group(1)) + 1
-    if name.startswith("backbone.norm."):
-        return depth
-    assert name.startswith("head."), name
+    assert name.startswith(("head.", "backbone.norm.", "backbone.fc_norm.")), name
     return depth + 1
 
 

@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import pretrain
 from selfsup.backbones import create_backbone
-from selfsup.config import OptimConfig
+from selfsup.config import OptimConfig, from_dict
 from selfsup.masking import patchify, sincos_pos_embed
 from selfsup.methods.mae import MAE, MAEConfig, decoder_defaults
 from selfsup.optim import build_optimizer
@@ -83,6 +83,37 @@ def test_position_embedding_is_frozen_sincos_and_left_out_of_the_optimizer():
     decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(model.mask_token) not in decay and id(model.encoder.cls_token) not in decay
     assert id(model.encoder.blocks[0].attn.qkv.weight) in decay
+
+
+def test_encoder_is_initialised_as_the_official_code():
+    """facebookresearch/mae models_mae.py initialize_weights: xavier-uniform Linear layers (zero bias), the patch
+    embedding as a Linear C*p*p -> D, class token N(0, 0.02); timm's ViT default (trunc-normal 0.02 Linear
+    weights, torch's conv init, class token 1e-6) would fail each check."""
+    torch.manual_seed(0)
+    vit = MAE(create_backbone("vit_tiny_patch4", img_size=16), MAEConfig()).encoder  # width 192, 12 blocks
+
+    def check_xavier_uniform(weight, fan_in, fan_out, name):
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        w = weight.detach().flatten()
+        assert w.abs().max() <= bound and w.abs().max() > 0.97 * bound, name  # uniform on [-bound, bound]
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05), name
+
+    linears = [(n, m) for n, m in vit.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 12 * 4  # qkv, proj, fc1, fc2 per block
+    for name, linear in linears:
+        check_xavier_uniform(linear.weight, linear.in_features, linear.out_features, name)
+        assert not linear.bias.any(), name
+    proj = vit.patch_embed.proj.weight  # [192, 3, 4, 4]
+    check_xavier_uniform(proj, 3 * 4 * 4, 192, "patch_embed")
+    assert vit.cls_token.std().item() == pytest.approx(0.02, rel=0.2)
+    norms = [m for m in vit.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all((m.weight == 1).all() and (m.bias == 0).all() for m in norms)
+
+
+def test_optim_recipe_is_the_papers():
+    cfg = from_dict({"method": {"name": "mae"}, "backbone": {"name": "vit_tiny_patch4"}}).optim
+    assert (cfg.name, cfg.lr, cfg.weight_decay, tuple(cfg.betas), cfg.warmup_epochs) == (
+        "adamw", 1.5e-4, 0.05, (0.9, 0.95), 40.0)  # main_pretrain.py / PRETRAIN.md: --warmup_epochs 40
 
 
 def test_decoder_defaults_are_the_papers_for_vit_base_and_scaled_for_small_encoders():

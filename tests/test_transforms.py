@@ -56,6 +56,20 @@ def test_paper_values_in_presets():
     assert blur and "kernel_size=(23, 23)" in repr(blur[0])
 
 
+def test_simclr_preset_follows_the_image_size():
+    """google-research/simclr: ImageNet s = 1.0 with blur; CIFAR-10 (32 px) s = 0.5 without blur."""
+    imagenet = {"brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2, "blur_p": 0.5}
+    cifar = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1, "blur_p": 0.0}
+    for size, expected in ((224, imagenet), (96, imagenet), (95, cifar), (32, cifar)):
+        params = build_views("simclr", image_size=size, mean=MEAN, std=STD).params[0]
+        assert {k: params[k] for k in expected} == expected, size
+        assert params["jitter_p"] == 0.8 and params["grayscale_p"] == 0.2 and params["crop_scale"] == (0.08, 1.0)
+    # either recipe by name at any size; overrides still win
+    assert build_views("simclr_imagenet", image_size=32, mean=MEAN, std=STD).params[0]["blur_p"] == 0.5
+    assert build_views("simclr_cifar", image_size=224, mean=MEAN, std=STD).params[0]["blur_p"] == 0.0
+    assert build_views("simclr", image_size=32, mean=MEAN, std=STD, blur_p=0.5).params[0]["blur_p"] == 0.5
+
+
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA"])
 def test_grayscale_or_other_modes_to_three_channels(mode):
     image = _random_image(mode=mode)

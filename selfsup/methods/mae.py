@@ -4,8 +4,9 @@ Sec. 3 of the paper: split the image into patches, keep a random 25% of them, en
 visible patches (plus the class token) with the ViT, append a shared mask token at every removed
 position, decode the full set with a light Transformer, and regress the pixels of each patch;
 the loss is the MSE on removed patches only, against per-patch normalised pixels (norm_pix_loss).
-The encoder is the registry's timm VisionTransformer itself, driven submodule by submodule, with
-its position embedding fixed to 2-D sin-cos values (frozen, so the export carries them).
+The encoder is the registry's timm VisionTransformer itself, driven submodule by submodule, initialised
+as MAE's code does (`init_encoder`), with its position embedding fixed to 2-D sin-cos values (frozen, so
+the export carries them).
 """
 
 from __future__ import annotations
@@ -51,14 +52,35 @@ def decoder_defaults(cfg: MAEConfig, embed_dim: int, depth: int) -> tuple[int, i
     return dim, blocks, heads
 
 
+@torch.no_grad()
+def init_encoder(vit: nn.Module) -> None:
+    """The encoder's initialisation in MAE's code (models_mae.py `initialize_weights`), not timm's ViT default:
+    xavier-uniform Linear weights and zero biases, LayerNorms at 1 / 0, the patch embedding initialised as the
+    Linear layer it is (xavier-uniform on its weight viewed as [D, C*p*p]), the class token N(0, 0.02).
+    """
+    for module in vit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    weight = vit.patch_embed.proj.weight  # [D, C, p, p]
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))  # fans of a Linear C*p*p -> D; bias: torch's default
+    if getattr(vit, "cls_token", None) is not None:
+        nn.init.normal_(vit.cls_token, std=0.02)
+
+
 class MAE(Method):
     views = "mae"
     Config = MAEConfig
 
     @classmethod
     def optim_defaults(cls, cfg, backbone_name, backbone_kwargs):
-        # MAE Table 8: AdamW, base lr 1.5e-4 per 256, weight decay 0.05, beta2 0.95
-        return {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.05, "betas": (0.9, 0.95)}
+        # MAE Table 8: AdamW, base lr 1.5e-4 per 256, weight decay 0.05, beta2 0.95, 40 warmup epochs
+        return {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.05, "betas": (0.9, 0.95), "warmup_epochs": 40.0}
 
     def __init__(self, backbone: nn.Module, cfg: MAEConfig):
         super().__init__()
@@ -73,6 +95,7 @@ class MAE(Method):
         self.num_prefix = vit.num_prefix_tokens
         embed_dim = vit.embed_dim
 
+        init_encoder(vit)
         # fixed 2-D sin-cos position embedding of the encoder, frozen inside the ViT's own parameter
         prefix_in_table = 0 if vit.no_embed_class else self.num_prefix
         with torch.no_grad():

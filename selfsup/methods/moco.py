@@ -47,27 +47,32 @@ QUEUE_SEED = 0  # the initial random queue is drawn from a fixed generator: the 
 class MoCoConfig:
     name: str = "moco"
     variant: str = "v2"  # v2: queue of negatives | v3: global-batch negatives + predictor
-    temperature: float = 0.2  # tau (v2 paper 0.2; v3 0.2 for ViT, 1.0 for ResNet)
-    momentum: float = 0.99  # m, or m0 of the cosine schedule
+    # tau; None: 0.2 (v2, README's --moco-t 0.2; v3 ViT, CONFIG.md) or 1.0 (v3 ResNet, main_moco.py --moco-t)
+    temperature: float | None = None
+    # m, or m0 of the cosine schedule; None: 0.999 (v2, main_moco.py --moco-m) or 0.99 (v3, moco-v3 --moco-m)
+    momentum: float | None = None
     momentum_schedule: str | None = None  # constant | cosine (m0 -> 1); None: v2 constant, v3 cosine
-    queue_size: int = 4096  # K (v2 only); a multiple of the global batch; the paper uses 65536
+    # K (v2 only), a multiple of the global batch. The paper's 65536 on purpose not: more keys than small datasets
+    # hold (Fashion-MNIST: 60 000), so the queue would repeat images from over an epoch ago
+    queue_size: int = 4096
     symmetric: bool | None = None  # v2: symmetrised loss ("MoCo v2+"); None: v2 false, v3 true (always)
     shuffle_bn: bool = True  # shuffle the key batch across processes (a no-op on one process)
-    sync_bn: bool = False  # SyncBatchNorm everywhere instead of shuffle-BN (GPU only)
-    proj_hidden_dim: int = 2048
-    proj_out_dim: int = 128
+    sync_bn: bool = False  # SyncBatchNorm everywhere instead of shuffle-BN (GPU only; MoCo v3's code always syncs)
+    proj_hidden_dim: int | None = None  # None: 2048 (v2: ResNet-50's width) or 4096 (v3, --moco-mlp-dim)
+    proj_out_dim: int | None = None  # None: 128 (v2, --moco-dim) or 256 (v3, --moco-dim)
     proj_layers: int | None = None  # None: 2 (v2; v3 ResNet), 3 (v3 ViT)
     proj_batch_norm: bool | None = None  # BN after hidden layers; None: v2 false (paper's MLP), v3 true
     proj_last_batch_norm: bool | None = None  # BN (no affine) on the output; None: v2 false, v3 true
     pred_hidden_dim: int = 4096  # v3 predictor: 2 layers, proj_out_dim -> pred_hidden_dim -> proj_out_dim
+    pred_last_batch_norm: bool | None = None  # v3 predictor's output BN (no affine); None: v3 ViT true, ResNet false
     random_patch_projection: bool | None = None  # freeze the ViT patch embedding; None: true for v3 ViTs
 
     def __post_init__(self) -> None:
         if self.variant not in ("v2", "v3"):
             raise ConfigError(f"method.variant must be v2 or v3, got {self.variant!r}.")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ConfigError(f"method.temperature must be > 0, got {self.temperature}.")
-        if not 0.0 <= self.momentum <= 1.0:
+        if self.momentum is not None and not 0.0 <= self.momentum <= 1.0:
             raise ConfigError(f"method.momentum must lie in [0, 1] (typically 0.99-0.999), got {self.momentum}.")
         if self.momentum_schedule not in (None, "constant", "cosine"):
             raise ConfigError(f"method.momentum_schedule must be constant or cosine, got {self.momentum_schedule!r}.")
@@ -85,13 +90,20 @@ def _resolve(cfg: MoCoConfig, backbone: nn.Module) -> MoCoConfig:
     def pick(value, default):
         return default if value is None else value
 
+    # facebookresearch/moco main_moco.py (v2) and facebookresearch/moco-v3 main_moco.py, moco/builder.py (v3);
+    # docs/recipes.md lists each with its line.
     return dataclasses.replace(
         cfg,
+        temperature=pick(cfg.temperature, 1.0 if v3 and not vit else 0.2),
+        momentum=pick(cfg.momentum, 0.99 if v3 else 0.999),
         momentum_schedule=pick(cfg.momentum_schedule, "cosine" if v3 else "constant"),
         symmetric=pick(cfg.symmetric, v3),
         proj_layers=pick(cfg.proj_layers, 3 if v3 and vit else 2),
         proj_batch_norm=pick(cfg.proj_batch_norm, v3),
+        proj_hidden_dim=pick(cfg.proj_hidden_dim, 4096 if v3 else 2048),
+        proj_out_dim=pick(cfg.proj_out_dim, 256 if v3 else 128),
         proj_last_batch_norm=pick(cfg.proj_last_batch_norm, v3),
+        pred_last_batch_norm=pick(cfg.pred_last_batch_norm, v3 and vit),  # builder.py: ViT predictor keeps last_bn
         random_patch_projection=pick(cfg.random_patch_projection, v3 and vit),
     )
 
@@ -128,8 +140,10 @@ class MoCo(Method):
             backbone.embed_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, cfg.proj_layers,
             batch_norm=cfg.proj_batch_norm, last_batch_norm=cfg.proj_last_batch_norm,
         )
-        # v3's prediction head q = h(g_q(f_q(x))): BN in the hidden layer, none on the output
-        self.predictor = mlp(cfg.proj_out_dim, cfg.pred_hidden_dim, cfg.proj_out_dim, 2) if self.v3 else None
+        # v3's prediction head q = h(g_q(f_q(x))): BN in the hidden layer; on the output only for ViTs
+        self.predictor = mlp(
+            cfg.proj_out_dim, cfg.pred_hidden_dim, cfg.proj_out_dim, 2, last_batch_norm=cfg.pred_last_batch_norm,
+        ) if self.v3 else None
         if cfg.sync_bn:
             nn.SyncBatchNorm.convert_sync_batchnorm(self)  # swaps BN children in place; self is no BN
         self.momentum_encoder = momentum_copy(self.encoder)  # f_k = f_q at step 0, never exported
@@ -146,13 +160,13 @@ class MoCo(Method):
 
     @classmethod
     def optim_defaults(cls, cfg: MoCoConfig, backbone_name: str, backbone_kwargs: dict) -> dict:
-        """v2: SGD 0.03 per 256, wd 1e-4 (MoCo v2). v3: AdamW 1.5e-4, wd 0.1 for ViTs; LARS 0.6, wd 1e-6
-        for ResNets (MoCo v3's 100-epoch recipes)."""
+        """v2: SGD 0.03 per 256, wd 1e-4, cosine without warmup (MoCo v2). v3: AdamW 1.5e-4, wd 0.1, 40 warmup
+        epochs for ViTs (CONFIG.md); LARS 0.6, wd 1e-6, 10 warmup epochs for ResNets (main_moco.py defaults)."""
         if cfg.variant == "v2":
-            return {"name": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9}
+            return {"name": "sgd", "lr": 0.03, "weight_decay": 1e-4, "momentum": 0.9, "warmup_epochs": 0.0}
         if is_patch_model(backbone_name, **backbone_kwargs):
-            return {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999)}
-        return {"name": "lars", "lr": 0.6, "weight_decay": 1e-6}
+            return {"name": "adamw", "lr": 1.5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999), "warmup_epochs": 40.0}
+        return {"name": "lars", "lr": 0.6, "weight_decay": 1e-6, "warmup_epochs": 10.0}
 
     # -- the two branches -------------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ from selfsup.methods.base import Method, StepOutput
 @dataclass
 class SimCLRConfig:
     name: str = "simclr"
-    temperature: float = 0.2  # tau; the paper uses 0.1-0.5 depending on batch size
+    # tau: on purpose between the paper's 0.1 (ImageNet, batch 4096) and 0.5 (CIFAR-10), for the smaller
+    # batches of 28-96 px runs (docs/recipes.md)
+    temperature: float = 0.2
     proj_hidden_dim: int = 2048
     proj_out_dim: int = 128
     proj_layers: int = 2
