@@ -1,0 +1,110 @@
+"""Split BatchNorm (ghost BN) and a one-process batch shuffle: MoCo's shuffle-BN without several processes.
+
+Shuffle-BN (MoCo Sec. 3.3) needs per-process BN over different subsets of the batch for a query and
+its key. On one process BN sees the whole batch, so the MoCo authors' single-GPU CIFAR demo
+(facebookresearch/moco `colab/moco_cifar10_demo.ipynb` at f736491, cell "Define base encoder",
+`SplitBatchNorm`, and cell "Define MoCo wrapper", `_batch_shuffle_single_gpu`; `--bn-splits 8` by
+default "to simulate 8 GPUs") normalises each of `num_splits` groups of the batch with its own
+statistics and shuffles the key batch before the key encoder. Written here by hand (timm and torch
+have no ghost BN); the module keeps `nn.BatchNorm*`'s parameter and buffer names, so its state dict
+loads into a plain BN, and in eval mode it *is* plain BN on the running statistics.
+
+Groups here are contiguous chunks, `x.chunk(num_splits)` (process r's share of a global batch); the
+demo's `view(-1, C * num_splits, H, W)` groups samples i mod num_splits instead. Both are fixed
+partitions of a randomly ordered batch, so they are the same in distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = ["SplitBatchNorm", "convert_split_batchnorm", "shuffle_rows", "unshuffle_rows"]
+
+
+class SplitBatchNorm(_BatchNorm):
+    """BatchNorm whose training-mode statistics come from each of `num_splits` equal chunks of the batch.
+
+    Train mode: chunk s of `x: [N, C, *]` is normalised with its own mean and biased variance (as if it
+    were the whole batch of one of `num_splits` processes); every chunk updates its own copy of the
+    running statistics, and the module keeps their mean (the demo's semantics). Eval mode: plain BN.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+        self.num_splits = num_splits
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an [N, C, *] input, got shape {tuple(x.shape)}")
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [N, C, *]
+        self._check_input_dim(x)
+        if not self.training and self.track_running_stats:  # eval: the running statistics, as nn.BatchNorm
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        n, c, rest, s = x.shape[0], x.shape[1], x.shape[2:], self.num_splits
+        if n % s:
+            raise ValueError(f"SplitBatchNorm with num_splits={s} needs a batch divisible by {s}, got N={n}")
+        factor = 0.0 if self.momentum is None else self.momentum
+        tracking = self.training and self.track_running_stats
+        if tracking:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as nn.BatchNorm
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Each chunk's channels become channels of their own, so one batch_norm call normalises every chunk
+        # with its own statistics: [N, C, *] -> [S, N/S, C, *] -> [N/S, S, C, *] -> [N/S, S*C, *]
+        grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
+        mean = var = None
+        if self.running_mean is not None:
+            mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)  # [S*C], updated in place below
+        weight = self.weight.repeat(s) if self.weight is not None else None  # [S*C]
+        bias = self.bias.repeat(s) if self.bias is not None else None  # [S*C]
+        out = F.batch_norm(grouped, mean, var, weight, bias, True, factor, self.eps)  # [N/S, S*C, *]
+        if tracking:  # each chunk updated its own copy; keep their mean: [S*C] -> [S, C] -> [C]
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(s, c).mean(dim=0))
+                self.running_var.copy_(var.view(s, c).mean(dim=0))
+        # back to the input's order: [N/S, S*C, *] -> [N/S, S, C, *] -> [S, N/S, C, *] -> [N, C, *]
+        return out.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+
+
+def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm{1,2,3}d under `module` by a SplitBatchNorm sharing its parameters and buffers.
+
+    Returns the module (converted in place, or the new layer if `module` itself is a BN), like
+    `nn.SyncBatchNorm.convert_sync_batchnorm`. State-dict keys are unchanged.
+    """
+    if isinstance(module, _BatchNorm) and not isinstance(module, (SplitBatchNorm, nn.SyncBatchNorm)):
+        split = SplitBatchNorm(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
+                               affine=module.affine, track_running_stats=module.track_running_stats)
+        split.train(module.training)
+        if module.affine:
+            split.weight, split.bias = module.weight, module.bias
+        split.running_mean, split.running_var = module.running_mean, module.running_var
+        split.num_batches_tracked = module.num_batches_tracked
+        return split
+    for name, child in module.named_children():
+        converted = convert_split_batchnorm(child, num_splits)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+@torch.no_grad()
+def shuffle_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """A random permutation of the batch rows, for split BN on one process. `x: [N, ...] -> ([N, ...], perm [N])`."""
+    permutation = torch.randperm(x.shape[0], device=x.device)  # [N]
+    return x[permutation], permutation
+
+
+@torch.no_grad()
+def unshuffle_rows(y: Tensor, permutation: Tensor) -> Tensor:
+    """Inverse of `shuffle_rows` on its outputs: row i belongs to input row i again. `[N, ...] -> [N, ...]`."""
+    return y[torch.argsort(permutation)]  # argsort: inverse[permutation[j]] = j
