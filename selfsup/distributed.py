@@ -23,7 +23,7 @@ from torch import Tensor
 
 __all__ = [
     "is_distributed", "world_size", "rank", "gather_with_grad", "gather_no_grad", "all_reduce_mean",
-    "shuffle_batch", "unshuffle_batch",
+    "shuffle_batch", "unshuffle_batch", "print_once",
 ]
 
 
@@ -44,6 +44,12 @@ def rank() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
     return 0
+
+
+def print_once(message: str) -> None:
+    """Print on process 0 only (e.g. a method's start-up line), so W processes do not repeat it."""
+    if rank() == 0:
+        print(message, flush=True)
 
 
 # torch 2.14 renamed the single-tensor collectives; keep working on older releases (>= 2.4).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -19,7 +20,8 @@ from selfsup.config import ConfigError, from_dict
 from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.export import load_encoder, save_encoder
 from selfsup.losses import info_nce
-from selfsup.methods.moco import MoCo, MoCoConfig
+from selfsup.batchnorm import SplitBatchNorm
+from selfsup.methods.moco import MoCo, MoCoConfig, resolve_bn_mode
 from selfsup.momentum import cosine_momentum
 from selfsup.optim import build_optimizer
 from tests import crashing_method
@@ -73,7 +75,7 @@ def test_key_encoder_gets_no_gradients_and_follows_the_query_encoder(variant: st
 
 
 def test_queue_is_a_fifo_of_keys_that_wraps_around() -> None:
-    model = tiny_moco("v2", queue_size=3 * N)
+    model = tiny_moco("v2", queue_size=3 * N, bn_mode="none")  # no key shuffle: keys() is repeatable
     initial = model.queue.clone()
     assert model.queue.shape == (3 * N, 16) and int(model.queue_ptr) == 0
     assert_close(model.queue.norm(dim=1), torch.ones(3 * N))  # L2-normalised from the start
@@ -104,7 +106,7 @@ def test_non_finite_keys_are_not_enqueued() -> None:
 
 
 def test_v2_loss_uses_the_queue_before_this_batch_is_enqueued() -> None:
-    model = tiny_moco("v2")
+    model = tiny_moco("v2", bn_mode="none")  # no key shuffle: keys() is repeatable
     for step in range(2):
         model((views(step), None))  # fill part of the queue with real keys
     x1, x2 = views(9)
@@ -119,7 +121,7 @@ def test_v2_loss_uses_the_queue_before_this_batch_is_enqueued() -> None:
 
 
 def test_symmetric_v2_averages_both_directions() -> None:
-    model = tiny_moco("v2", symmetric=True)
+    model = tiny_moco("v2", symmetric=True, bn_mode="none")  # no key shuffle: keys() is repeatable
     x1, x2 = views(3)
     queue = model.queue.clone()
     expected = (info_nce(model.query(x1), model.keys(x2), queue, 0.2) + info_nce(model.query(x2), model.keys(x1), queue, 0.2)) / 2
@@ -208,6 +210,61 @@ def test_config_is_validated() -> None:
     assert isinstance(cfg.method, MoCoConfig)
 
 
+@pytest.mark.parametrize("variant, settings, world_size, expected", [
+    ("v2", {}, 1, "split"),  # the one-process substitute for shuffle-BN (the official CIFAR demo)
+    ("v2", {}, 2, "shuffle"),
+    ("v3", {}, 1, "none"),  # whole-batch BN on one process = MoCo v3's SyncBN
+    ("v3", {}, 4, "shuffle"),
+    ("v2", {"sync_bn": True}, 2, "sync"),  # the older switches keep their meaning
+    ("v2", {"shuffle_bn": False}, 1, "none"),
+    ("v2", {"bn_mode": "shuffle"}, 1, "shuffle"),
+    ("v3", {"bn_mode": "split"}, 2, "split"),
+])
+def test_bn_mode_auto_is_shuffle_bn_on_several_processes_and_split_bn_on_one(variant, settings, world_size, expected) -> None:
+    assert resolve_bn_mode(MoCoConfig(variant=variant, **settings), world_size) == expected
+
+
+def test_bn_mode_is_validated_and_the_older_switches_may_not_contradict_it() -> None:
+    with pytest.raises(ConfigError, match="bn_mode must be one of auto, shuffle, split, sync, none"):
+        from_dict({"method": {"name": "moco", "bn_mode": "ghost"}})
+    with pytest.raises(ConfigError, match="sync_bn=true.*contradicts method.bn_mode=split; drop method.sync_bn"):
+        from_dict({"method": {"name": "moco", "bn_mode": "split", "sync_bn": True}})
+    with pytest.raises(ConfigError, match="shuffle_bn=false.*contradicts method.bn_mode=shuffle"):
+        from_dict({"method": {"name": "moco", "bn_mode": "shuffle", "shuffle_bn": False}})
+    with pytest.raises(ConfigError, match="bn_splits must be >= 1"):
+        from_dict({"method": {"name": "moco", "bn_splits": 0}})
+    model = tiny_moco("v2", bn_splits=3)  # N = 8 images do not split in 3
+    with pytest.raises(ConfigError, match=r"bn_splits=3, got data\.batch_size 8; set data\.batch_size to a multiple of 3"):
+        model((views(0), None))
+
+
+def test_split_bn_normalises_each_key_in_a_random_chunk_and_returns_keys_in_order(capsys) -> None:
+    """On one process, v2 by default: every BN of both encoders is split BN (the demo's SplitBatchNorm), and the key
+    batch is shuffled before the key encoder, so key i is normalised with a random chunk, not with query i's."""
+    model = tiny_moco("v2", bn_splits=2).double()
+    assert model.cfg.bn_mode == "split" and "bn_mode=split" in capsys.readouterr().out  # says which one runs
+    for part in (model.encoder, model.momentum_encoder):
+        norms = [m for m in part.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert norms and all(isinstance(m, SplitBatchNorm) and m.num_splits == 2 for m in norms)
+    # an independent key encoder with plain BN and the same weights (the state dict keys are plain BN's)
+    plain_encoder, plain_projector = tiny_resnet().double(), copy.deepcopy(model.momentum_projector)
+    plain_encoder.load_state_dict(model.momentum_encoder.state_dict())  # strict
+    x = views(5)[1].double()  # [8, 3, 16, 16]
+    torch.manual_seed(11)
+    keys = model.keys(x)
+    torch.manual_seed(11)
+    permutation = torch.randperm(N)  # the draw keys() made
+    assert not torch.equal(permutation, torch.arange(N))
+    chunks = x[permutation].chunk(2)  # each chunk normalised alone, with plain BN in train mode
+    shuffled = torch.cat([F.normalize(plain_projector(plain_encoder(c)), dim=1) for c in chunks])  # [N, D]
+    expected = shuffled[torch.argsort(permutation)]  # back in input order
+    assert_close(keys, expected, rtol=1e-10, atol=1e-12)
+    # the query encoder splits its own (unshuffled) batch: query i sits in chunk i // (N / 2)
+    plain_encoder.load_state_dict(model.encoder.state_dict())
+    queries = model.query(x)
+    assert_close(queries, torch.cat([model.projector(plain_encoder(c)) for c in x.chunk(2)]), rtol=1e-10, atol=1e-12)
+
+
 def test_sync_bn_option_converts_every_batch_norm_and_runs_on_one_process() -> None:
     model = tiny_moco("v3", sync_bn=True)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -249,8 +306,9 @@ STEPS = 24
 E2E = {
     # K = one batch: the queue wraps every step. On 256 toy images a longer queue learns too slowly to see in a test.
     # m = 0.99: the paper's 0.999 moves the key encoder too little in 24 steps to see the loss fall.
+    # bn_splits 2 (split BN, the one-process default, in 2 chunks of 16): 8 chunks of 4 images learn too slowly to see
     "v2": {"method": {"name": "moco", "variant": "v2", "proj_hidden_dim": 64, "proj_out_dim": 32, "queue_size": 32,
-                      "momentum": 0.99}},
+                      "momentum": 0.99, "bn_splits": 2}},
     "v3": {"method": {"name": "moco", "variant": "v3", "proj_hidden_dim": 64, "proj_out_dim": 32,
                       "pred_hidden_dim": 64, "momentum": 0.9},
            "backbone": {"name": "vit_tiny_patch4", "kwargs": {"img_size": 16, "depth": 2, "embed_dim": 32, "num_heads": 2}},

@@ -12,15 +12,32 @@ after every optimizer step (`selfsup.momentum`), never receiving gradients.
   ("random patch projection", Sec. 4.2), which steadies training.
 
 BatchNorm and the positive pair: with per-process BN, a query and its key are normalised with
-statistics of the same few samples, a signal the model can exploit to find its positive (MoCo
-Sec. 3.3). Which remedy is used when:
-- `shuffle_bn: true` (default, both variants): the key encoder's input batch is shuffled across
-  processes and its outputs unshuffled (`distributed.shuffle_batch`). At world size 1 this is a
-  no-op: the one process's BN sees the whole batch (SimCLR's "global BN"), so there is no
-  per-process subset to leak through and nothing is needed.
-- `sync_bn: true`: every BN becomes SyncBatchNorm (statistics over the global batch, as the
-  MoCo v3 code does); shuffling is then skipped. torch supports SyncBN on GPUs only; at world
-  size 1 it acts as plain BN.
+statistics of the same few samples, a signal the model can exploit to find its positive among the
+queue's keys, which were normalised in other batches (MoCo Sec. 3.3). `method.bn_mode` picks the remedy
+(the method prints which one runs, and `self.cfg.bn_mode` holds it):
+- `shuffle`: shuffle-BN. The key encoder's input batch is shuffled across processes and its outputs
+  unshuffled (`distributed.shuffle_batch`), so a query and its key see BN statistics of different
+  subsets. At world size 1 there is only one subset and it does nothing.
+- `split`: split BN (ghost BN), the one-process substitute of the MoCo authors' CIFAR demo
+  (facebookresearch/moco colab/moco_cifar10_demo.ipynb, `SplitBatchNorm`, `--bn-splits 8`): every BN of
+  both encoders and projectors normalises each of `method.bn_splits` chunks of its batch with its own
+  statistics, as `bn_splits` processes would, and the key batch is shuffled within the process before
+  the key encoder (`selfsup.batchnorm`). Per process, on any number of processes. The exported encoder
+  keeps plain-BN state-dict keys (SplitBatchNorm keeps BatchNorm's names; in eval mode it is plain BN
+  on the running statistics, the mean of the chunks'), so timm loads it unchanged.
+- `sync`: every BN becomes SyncBatchNorm (statistics over the global batch, as the MoCo v3 code does);
+  no shuffling. torch supports SyncBN on GPUs only; at world size 1 it acts as plain BN.
+- `none`: plain per-process BN, no remedy.
+- `auto` (default): `shuffle` on several processes; on one process `split` for v2 (queue negatives come
+  from other batches, so whole-batch BN leaks) and `none` for v3 (its negatives are the keys of the same
+  batch, so one-process BN over the whole batch is exactly the official code's SyncBN).
+The older switches still work: `sync_bn: true` means `bn_mode: sync`, `shuffle_bn: false` means `none`.
+
+Gradient accumulation (`train.accumulate_steps`): the engine scales the lr by batch x processes x
+accumulation, but each micro-batch is one forward. v2: the queue's K negatives are unaffected, but the
+keys of every micro-batch are enqueued as it runs (K must be a multiple of batch x processes, not of the
+accumulated batch), and BN statistics come from the micro-batch. v3: the negatives are the keys of the
+micro-batch (batch x processes), fewer than the printed global batch, and so are the BN statistics.
 """
 
 from __future__ import annotations
@@ -34,12 +51,14 @@ from torch import Tensor, nn
 
 from selfsup import distributed
 from selfsup.backbones import is_patch_model
+from selfsup.batchnorm import convert_split_batchnorm, shuffle_rows, unshuffle_rows
 from selfsup.config import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import info_nce
 from selfsup.methods.base import Method, StepOutput
 from selfsup.momentum import cosine_momentum, momentum_copy, momentum_update
 
+BN_MODES = ("auto", "shuffle", "split", "sync", "none")
 QUEUE_SEED = 0  # the initial random queue is drawn from a fixed generator: the same on every rank, no broadcast
 
 
@@ -56,8 +75,12 @@ class MoCoConfig:
     # hold (Fashion-MNIST: 60 000), so the queue would repeat images from over an epoch ago
     queue_size: int = 4096
     symmetric: bool | None = None  # v2: symmetrised loss ("MoCo v2+"); None: v2 false, v3 true (always)
-    shuffle_bn: bool = True  # shuffle the key batch across processes (a no-op on one process)
-    sync_bn: bool = False  # SyncBatchNorm everywhere instead of shuffle-BN (GPU only; MoCo v3's code always syncs)
+    # BN remedy for the positive pair: auto | shuffle | split | sync | none (module docstring). auto: shuffle-BN on
+    # several processes; on one, split BN for v2 (the official CIFAR demo's) and whole-batch BN for v3
+    bn_mode: str = "auto"
+    bn_splits: int = 8  # split BN: chunks per batch, each normalised alone (the demo's --bn-splits, "8 GPUs")
+    shuffle_bn: bool = True  # older switch: false = bn_mode none
+    sync_bn: bool = False  # older switch: true = bn_mode sync (GPU only; MoCo v3's code always syncs)
     proj_hidden_dim: int | None = None  # None: 2048 (v2: ResNet-50's width) or 4096 (v3, --moco-mlp-dim)
     proj_out_dim: int | None = None  # None: 128 (v2, --moco-dim) or 256 (v3, --moco-dim)
     proj_layers: int | None = None  # None: 2 (v2; v3 ResNet), 3 (v3 ViT)
@@ -78,6 +101,16 @@ class MoCoConfig:
             raise ConfigError(f"method.momentum_schedule must be constant or cosine, got {self.momentum_schedule!r}.")
         if self.queue_size < 1:
             raise ConfigError(f"method.queue_size must be positive, got {self.queue_size}.")
+        if self.bn_mode not in BN_MODES:
+            raise ConfigError(f"method.bn_mode must be one of {', '.join(BN_MODES)}, got {self.bn_mode!r}.")
+        if self.bn_splits < 1:
+            raise ConfigError(f"method.bn_splits must be >= 1 (1: plain BN), got {self.bn_splits}.")
+        if self.sync_bn and self.bn_mode not in ("auto", "sync"):
+            raise ConfigError(f"method.sync_bn=true (the older spelling of bn_mode=sync) contradicts "
+                              f"method.bn_mode={self.bn_mode}; drop method.sync_bn.")
+        if not self.shuffle_bn and self.bn_mode not in ("auto", "none"):
+            raise ConfigError(f"method.shuffle_bn=false (the older spelling of bn_mode=none) contradicts "
+                              f"method.bn_mode={self.bn_mode}; drop method.shuffle_bn.")
         if self.variant == "v3" and self.symmetric is False:
             raise ConfigError("MoCo v3's loss is symmetric by definition; drop method.symmetric=false or use variant v2.")
 
@@ -108,6 +141,33 @@ def _resolve(cfg: MoCoConfig, backbone: nn.Module) -> MoCoConfig:
     )
 
 
+def resolve_bn_mode(cfg: MoCoConfig, world_size: int) -> str:
+    """The BN remedy that runs: the config's, or for `auto` shuffle-BN on several processes and, on one,
+    split BN for v2 and whole-batch BN for v3 (module docstring). The older switches map onto it."""
+    if cfg.sync_bn:
+        return "sync"
+    if not cfg.shuffle_bn and cfg.bn_mode == "auto":
+        return "none"
+    if cfg.bn_mode != "auto":
+        return cfg.bn_mode
+    if world_size > 1:
+        return "shuffle"
+    return "none" if cfg.variant == "v3" else "split"
+
+
+def describe_bn_mode(cfg: MoCoConfig, world_size: int) -> str:
+    """One line for the start of a run: which BN remedy runs and what each BN's statistics cover."""
+    mode = cfg.bn_mode
+    if mode == "split":
+        return (f"split BN: every BN normalises {cfg.bn_splits} chunks of its per-process batch separately, "
+                f"keys shuffled across them (facebookresearch/moco CIFAR demo)")
+    if mode == "shuffle":
+        return f"shuffle BN: the key batch shuffled across {world_size} processes"
+    if mode == "sync":
+        return f"sync BN: statistics over the global batch of {world_size} process(es)"
+    return "plain BN over each process's batch" + (" (= MoCo v3's SyncBN on one process)" if world_size == 1 else "")
+
+
 def freeze_patch_embedding(backbone: nn.Module) -> None:
     """Random patch projection (MoCo v3 Sec. 4.2): the patch embedding keeps its random init.
 
@@ -128,7 +188,9 @@ class MoCo(Method):
 
     def __init__(self, backbone: nn.Module, cfg: MoCoConfig):
         super().__init__()
+        world_size = distributed.world_size()
         cfg = _resolve(cfg, backbone)
+        cfg = dataclasses.replace(cfg, bn_mode=resolve_bn_mode(cfg, world_size))
         self.cfg = cfg
         self.v3 = cfg.variant == "v3"
         self.views = "moco_v3" if self.v3 else "moco_v2"
@@ -144,8 +206,11 @@ class MoCo(Method):
         self.predictor = mlp(
             cfg.proj_out_dim, cfg.pred_hidden_dim, cfg.proj_out_dim, 2, last_batch_norm=cfg.pred_last_batch_norm,
         ) if self.v3 else None
-        if cfg.sync_bn:
+        if cfg.bn_mode == "sync":
             nn.SyncBatchNorm.convert_sync_batchnorm(self)  # swaps BN children in place; self is no BN
+        elif cfg.bn_mode == "split":  # both encoders and projectors, as the demo builds both with SplitBatchNorm
+            convert_split_batchnorm(self, cfg.bn_splits)  # in place; state-dict keys unchanged
+        distributed.print_once(f"[selfsup] moco {cfg.variant}: bn_mode={cfg.bn_mode}, {describe_bn_mode(cfg, world_size)}")
         self.momentum_encoder = momentum_copy(self.encoder)  # f_k = f_q at step 0, never exported
         self.momentum_projector = momentum_copy(self.projector)  # g_k
 
@@ -177,12 +242,18 @@ class MoCo(Method):
 
     @torch.no_grad()
     def keys(self, x: Tensor) -> Tensor:
-        """k = normalize(g_k(f_k(x))), the key batch shuffled across processes for BN. [N, C, H, W] -> [N, D]."""
-        permutation = None
-        if self.cfg.shuffle_bn and not self.cfg.sync_bn:
-            x, permutation = distributed.shuffle_batch(x)
-        k = self.momentum_projector(self.momentum_encoder(x))  # [N, D], rows in shuffled order
-        k = distributed.unshuffle_batch(k, permutation)  # [N, D], rows back in local order
+        """k = normalize(g_k(f_k(x))), the key batch shuffled for BN (across processes, or across the
+        chunks of split BN). [N, C, H, W] -> [N, D]."""
+        if self.cfg.bn_mode == "split":
+            x, local_permutation = shuffle_rows(x)  # key i lands in a random chunk
+            k = self.momentum_projector(self.momentum_encoder(x))  # [N, D], rows in shuffled order
+            k = unshuffle_rows(k, local_permutation)  # [N, D], rows back in input order
+        else:
+            permutation = None
+            if self.cfg.bn_mode == "shuffle":
+                x, permutation = distributed.shuffle_batch(x)
+            k = self.momentum_projector(self.momentum_encoder(x))  # [N, D], rows in shuffled order
+            k = distributed.unshuffle_batch(k, permutation)  # [N, D], rows back in local order
         return F.normalize(k.to(torch.promote_types(k.dtype, torch.float32)), dim=1)
 
     # -- training step ----------------------------------------------------------------------------
@@ -192,6 +263,12 @@ class MoCo(Method):
         if len(views) != 2:
             raise ValueError(f"MoCo trains on exactly 2 views per image, got {len(views)}; set data.num_views=2.")
         x1, x2 = views
+        if self.cfg.bn_mode == "split" and x1.shape[0] % self.cfg.bn_splits:
+            raise ConfigError(
+                f"method.bn_mode=split needs a per-process batch divisible by method.bn_splits={self.cfg.bn_splits}, "
+                f"got data.batch_size {x1.shape[0]}; set data.batch_size to a multiple of {self.cfg.bn_splits} "
+                f"or method.bn_splits to a divisor of {x1.shape[0]}."
+            )
         loss = self._forward_v3(x1, x2) if self.v3 else self._forward_v2(x1, x2)
         return StepOutput(loss, {})
 
