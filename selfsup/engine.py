@@ -186,9 +186,11 @@ def fit(
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
+    # Accumulation enlarges the optimizer's batch only: negatives and BN statistics come from each micro-batch.
+    objective_batch = batch_size * world
     accelerator.print(
         f"[selfsup] processes={world} per-process batch={batch_size} accumulate={accumulate} "
-        f"-> global batch {global_batch}; {cfg.optim.name} lr = {cfg.optim.lr:g} x scaling '{cfg.optim.lr_scaling}' = {lr:.6g}; "
+        f"-> global batch {global_batch} (optimizer), {objective_batch} per objective (negatives, BN); {cfg.optim.name} lr = {cfg.optim.lr:g} x scaling '{cfg.optim.lr_scaling}' = {lr:.6g}; "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps}; "
         f"device={accelerator.device} precision={accelerator.mixed_precision}"
     )

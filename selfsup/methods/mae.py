@@ -7,6 +7,10 @@ the loss is the MSE on removed patches only, against per-patch normalised pixels
 The encoder is the registry's timm VisionTransformer itself, driven submodule by submodule, initialised
 as MAE's code does (`init_encoder`), with its position embedding fixed to 2-D sin-cos values (frozen, so
 the export carries them).
+
+Gradient accumulation (`train.accumulate_steps`) is exact here: the loss is a mean of per-sample losses
+(every sample has the same number of masked patches) and the ViT has no BatchNorm, so k micro-batches of
+B give the gradient of one batch of k x B (up to float rounding).
 """
 
 from __future__ import annotations

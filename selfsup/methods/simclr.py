@@ -9,6 +9,11 @@ Global BN (Sec. 2.2): BN mean and variance come from all devices, or a view and 
 with the same few samples' statistics, leak a shortcut. `sync_bn` unset turns every BN into SyncBatchNorm
 when several processes train on accelerators (torch's SyncBatchNorm has no CPU kernel, so CPU processes,
 backend gloo, keep per-process BN); on one process BN already sees the whole batch and nothing is needed.
+
+Gradient accumulation (`train.accumulate_steps`): the engine scales the lr by batch x processes x
+accumulation, but NT-Xent is computed per micro-batch, so each view has 2 x batch x processes - 2
+negatives, not the printed global batch's, and BN statistics come from the micro-batch too. It adds
+no negatives; it only averages the gradients of several smaller contrastive problems.
 """
 
 from __future__ import annotations

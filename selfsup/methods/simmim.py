@@ -7,6 +7,10 @@ predict raw pixels with a one-layer head (1x1 conv to stride^2 * C channels + pi
 take the L1 loss over masked pixels. Masks are drawn per sample in the data pipeline
 (`view_transform`), so a batch is ([images, masks], labels). The encoder is the registry's timm
 VisionTransformer itself (with its own position embedding), driven submodule by submodule.
+
+Gradient accumulation (`train.accumulate_steps`) is exact here: the L1 loss is a mean over samples that
+all mask the same number of blocks, and the ViT has no BatchNorm, so k micro-batches of B give the
+gradient of one batch of k x B (up to float rounding).
 """
 
 from __future__ import annotations
