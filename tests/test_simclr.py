@@ -1,17 +1,21 @@
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pretrain
+from selfsup.backbones import create_backbone
 from selfsup.builders import build_pretraining, run_dir_for
 from selfsup.checkpoints import list_checkpoints
-from selfsup.config import from_dict
+from selfsup.config import OptimConfig, from_dict
 from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.export import load_encoder, save_encoder
 from selfsup.methods.simclr import SimCLR, SimCLRConfig, use_sync_bn
+from selfsup.optim import build_optimizer
 from tests import crashing_method
-from tests.conftest import read_losses, tiny_config_dict, write_config
+from tests.conftest import TINY_RESNET, read_losses, tiny_config_dict, write_config
 
 
 def test_simclr_trains_exports_and_reloads_bit_identically(tmp_path):
@@ -96,3 +100,67 @@ def test_sync_bn_converts_every_batch_norm_and_runs_on_one_process(sync_bn, expe
     assert len(norms) == 2 and all(isinstance(m, torch.nn.SyncBatchNorm) == expected for m in norms)
     views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
     assert torch.isfinite(model((views, None)).loss)  # without a process group SyncBatchNorm is plain BN
+
+
+def test_one_simclr_step_equals_a_plain_pytorch_reference_step():
+    """Loss, every gradient and the weights after SGD steps, against SimCLR written here in plain PyTorch.
+
+    The reference, as SimCLR Alg. 1 and google-research/simclr tf2/model.py (`Model.__call__`: the views
+    concatenated, `tf.concat(features_list, 0)  # (num_transforms * bsz, h, w, c)`, then one base-network
+    pass): one backbone forward over both views, so BN statistics cover all 2N views (not one pass per view
+    as in lightly's SimCLR example); the projector on top; NT-Xent as a 2N x 2N cosine-similarity matrix / tau
+    with the diagonal masked and the positive of row i at i + N (i < N) or i - N; torch.optim.SGD with
+    momentum 0.9, no Nesterov, weight decay on weights only (not on biases and norm parameters).
+    """
+    tau, lr, wd, n = 0.2, 0.1, 0.05, 8
+    torch.manual_seed(0)
+    model = SimCLR(create_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"]),
+                   SimCLRConfig(temperature=tau, proj_hidden_dim=32, proj_out_dim=16)).double()
+    reference = torch.nn.ModuleDict({"encoder": copy.deepcopy(model.encoder), "projector": copy.deepcopy(model.projector)})
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in reference.modules())  # BN in the projector too
+    g = torch.Generator().manual_seed(1)
+    steps = [[torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64) for _ in range(2)] for _ in range(2)]
+
+    def reference_loss(x1, x2, per_view=False):
+        if per_view:  # lightly's example: BN statistics over each view's N images
+            z = torch.cat([reference["projector"](reference["encoder"](x)) for x in (x1, x2)])
+        else:
+            z = reference["projector"](reference["encoder"](torch.cat([x1, x2])))  # [2N, D], BN over 2N
+        z = F.normalize(z, dim=1)
+        similarity = z @ z.T / tau  # [2N, 2N]
+        similarity = similarity.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
+        positive = torch.cat([torch.arange(n) + n, torch.arange(n)])  # row i's other view
+        return F.cross_entropy(similarity, positive)
+
+    decay = [p for p in reference.parameters() if p.ndim > 1]
+    no_decay = [p for p in reference.parameters() if p.ndim <= 1]
+    reference_optimizer = torch.optim.SGD([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                                          lr=lr, momentum=0.9, nesterov=False)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=lr, weight_decay=wd, momentum=0.9), lr)
+    names = {id(p): name for name, p in model.named_parameters()}
+    ours_no_decay = {names[id(p)] for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert ours_no_decay == {name for name, p in reference.named_parameters() if p.ndim <= 1}
+
+    for step, (x1, x2) in enumerate(steps):  # two steps: the second one uses the momentum buffers
+        if step == 0:
+            with torch.no_grad():  # the check can fail: BN over each view alone gives another loss
+                per_view = reference_loss(x1, x2, per_view=True)
+                reference.load_state_dict(model.state_dict())  # undo the running-stat update of that pass
+        loss = model(([x1, x2], None)).loss
+        expected = reference_loss(x1, x2)
+        if step == 0:
+            assert not torch.allclose(per_view, expected, rtol=1e-6)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+        optimizer.zero_grad()
+        reference_optimizer.zero_grad()
+        loss.backward()
+        expected.backward()
+        reference_parameters = dict(reference.named_parameters())
+        assert set(reference_parameters) == {name for name, _ in model.named_parameters()}
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, reference_parameters[name].grad, rtol=1e-10, atol=1e-12, msg=f"grad {name}")
+        optimizer.step()
+        reference_optimizer.step()
+        expected_state = reference.state_dict()  # weights and BN running statistics
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, expected_state[name], rtol=1e-10, atol=1e-12, msg=f"step {step}: {name}")

@@ -10,6 +10,14 @@ with the same few samples' statistics, leak a shortcut. `sync_bn` unset turns ev
 when several processes train on accelerators (torch's SyncBatchNorm has no CPU kernel, so CPU processes,
 backend gloo, keep per-process BN); on one process BN already sees the whole batch and nothing is needed.
 
+One backbone pass over all views: `forward` concatenates the V views ([V*N, C, H, W]) before f and g, so
+every BN (backbone and projector) normalises with statistics of all 2N views of the batch, as the paper's
+global BN computes them and as google-research/simclr does (tf2/model.py at be265c2, `Model.__call__`:
+`tf.concat(features_list, 0)` then one `resnet_model` call). One pass per view, as lightly's example does
+(lightly-ai/lightly examples/pytorch/simclr.py at 2abf921: `z0 = model(x0)`, `z1 = model(x1)`), would give
+each view BN statistics of its own N images. tests/test_simclr.py checks a step against a plain-PyTorch
+reference of the concatenated form.
+
 Gradient accumulation (`train.accumulate_steps`): the engine scales the lr by batch x processes x
 accumulation, but NT-Xent is computed per micro-batch, so each view has 2 x batch x processes - 2
 negatives, not the printed global batch's, and BN statistics come from the micro-batch too. It adds
@@ -71,7 +79,7 @@ class SimCLR(Method):
         if len(views) < 2:
             raise ValueError(f"SimCLR needs at least 2 views per image, got {len(views)}; set data.num_views >= 2.")
         n = views[0].shape[0]
-        # all views through f and g in one pass: [V*N, C, H, W] -> z: [V*N, D]
+        # all views through f and g in one pass (BN over all V*N views): [V*N, C, H, W] -> z: [V*N, D]
         z = self.projector(self.encoder(torch.cat(views)))
         z = z.view(len(views), n, -1)  # [V, N, D]
         # every (i, j) pair of views is a positive pair (the paper's 2 views; multi-crop averages)
