@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             method.encoder,  # prepare() wrapped this same module; its weights are the trained ones
             run_dir / "encoder",
             method=cfg.method.name,
+            run={"run_dir": str(run_dir), "steps": result.steps},
             data={"dataset": cfg.data.dataset, "image_size": cfg.data.image_size, "mean": list(info.mean),
                   "std": list(info.std), "in_chans": in_chans(cfg)},
         )
