@@ -16,7 +16,7 @@ windows of `--steps` after `--warmup`:
 - method_overhead = step time / bare time (everything that is not the backbone), median of adjacent pairs;
 - end_to_end: `engine.fit` with the real DataLoader (data.num_workers workers);
 - peak memory (CUDA: max allocated in the step and end-to-end runs; CPU: the process's peak RSS).
-One process (no `accelerate launch`). Timing lives here and never in a test.
+One process (no `accelerate launch`). Timing lives here and never in a test. Also `selfsup-benchmark ...`.
 """
 
 from __future__ import annotations
@@ -33,11 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from tools.benchmark_report import machine, print_summary, write_markdown  # noqa: E402
+from selfsup.cli.benchmark_report import machine, print_summary, write_markdown
 
 
 
@@ -56,6 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", default=None, help="row name in the markdown table (default: config stem + overrides)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--markdown", default=None, help="add/replace this run's row in this markdown file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     args = parser.parse_args(argv)
     if min(args.warmup, args.steps, args.repeats) < 1:
         parser.error("--warmup, --steps and --repeats must be >= 1")
@@ -64,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.print_config:  # before torch: the config alone
+        from selfsup.cli.common import print_config
+        from selfsup.config import ConfigError, load_config
+
+        try:
+            return print_config(load_config(args.config, list(args.overrides)))
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
     if args.device == "cpu" and "torch" not in sys.modules:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     import torch
@@ -382,6 +387,12 @@ def peak_memory_mb(result: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         out["cuda_max_allocated"] = max(cuda)
     return out
+
+
+def cli() -> int:
+    """`selfsup-benchmark`."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

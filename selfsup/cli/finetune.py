@@ -15,22 +15,7 @@ Writes result.json in the run directory and prints a final JSON line.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from accelerate.utils import set_seed
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from selfsup.config import ConfigError  # noqa: E402
-from selfsup.hardware import loader_workers  # noqa: E402
-from selfsup.engine import fit, make_accelerator, make_loader  # noqa: E402
-from selfsup.evaluation import ClassifierEvaluator, final_evaluation  # noqa: E402
-from selfsup.finetune import Classifier, SupervisedTask, build_finetune_optimizer, with_drop_path  # noqa: E402
-from selfsup.optim import scaled_lr  # noqa: E402
-from selfsup.transfer import (  # noqa: E402
-    build_parser, exit_on_user_error, finish, labelled_sets, prepare_run_dir, setup,
-)
+from selfsup.cli.common import build_parser, console, exit_on_user_error, print_config
 
 TOOL = "finetune"
 # The recipe without a --config: AdamW + warmup-cosine, weight decay 0.05 (MAE fine-tuning, shortened)
@@ -58,7 +43,19 @@ FLAGS = [
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser(__doc__, FLAGS).parse_intermixed_args(argv)  # overrides may sit between flags
+    from accelerate.utils import set_seed
+
+    from selfsup.config import ConfigError
+    from selfsup.engine import fit, make_accelerator, make_loader
+    from selfsup.evaluation import ClassifierEvaluator, final_evaluation
+    from selfsup.finetune import Classifier, SupervisedTask, build_finetune_optimizer, with_drop_path
+    from selfsup.hardware import loader_workers
+    from selfsup.optim import scaled_lr
+    from selfsup.transfer import finish, labelled_sets, prepare_run_dir, setup
+
     run = setup(args, TOOL, DEFAULTS, FLAGS, name_suffix=lambda cfg: f"_{cfg.finetune.mode}")
+    if args.print_config:
+        return print_config(run.cfg)
     cfg, ft = run.cfg, run.cfg.finetune
     if (ft.mixup or ft.cutmix) and cfg.data.batch_size % 2:
         raise ConfigError(f"Mixup/CutMix pair up each batch: data.batch_size must be even, got {cfg.data.batch_size}.")
@@ -87,6 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = finish(run, TOOL, metrics, extra, args.output) if accelerator.is_main_process else metrics
     accelerator.end_training()
     return out
+
+
+def cli() -> int:
+    """`selfsup-finetune`."""
+    return console(main)
 
 
 if __name__ == "__main__":

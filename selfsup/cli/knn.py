@@ -11,17 +11,7 @@ eval.batch_size (extraction); eval.pixel_baseline=true adds raw pixels scored th
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from selfsup.hardware import loader_workers  # noqa: E402
-from selfsup.engine import make_accelerator  # noqa: E402
-from selfsup.evaluation import PixelEncoder, extract_features, knn_evaluate  # noqa: E402
-from selfsup.transfer import build_parser, exit_on_user_error, finish, labelled_sets, setup  # noqa: E402
+from selfsup.cli.common import build_parser, console, exit_on_user_error, print_config
 
 TOOL = "knn"
 DEFAULTS = {"eval": {"max_test_samples": None}}
@@ -34,7 +24,16 @@ FLAGS = [
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser(__doc__, FLAGS).parse_intermixed_args(argv)  # overrides may sit between flags
+    from torch.utils.data import DataLoader
+
+    from selfsup.engine import make_accelerator
+    from selfsup.evaluation import PixelEncoder, extract_features, knn_evaluate
+    from selfsup.hardware import loader_workers
+    from selfsup.transfer import finish, labelled_sets, setup
+
     run = setup(args, TOOL, DEFAULTS, FLAGS)
+    if args.print_config:
+        return print_config(run.cfg)
     cfg = run.cfg
     accelerator = make_accelerator(cfg)
     train_set, test_set, num_classes = labelled_sets(run, augment=False)
@@ -55,6 +54,11 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.eval.pixel_baseline and not run.meta.get("pixels"):  # the same protocol on raw pixels
         extra.update({f"pixels_{k}": v for k, v in score(PixelEncoder()).items()})
     return finish(run, TOOL, metrics, extra, args.output) if accelerator.is_main_process else metrics
+
+
+def cli() -> int:
+    """`selfsup-knn`."""
+    return console(main)
 
 
 if __name__ == "__main__":

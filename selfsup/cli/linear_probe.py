@@ -13,21 +13,7 @@ AdamW, warmup + cosine). Writes result.json in the run directory and prints a fi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from selfsup.hardware import loader_workers  # noqa: E402
-from selfsup.engine import fit, make_accelerator, make_loader  # noqa: E402
-from selfsup.evaluation import ClassifierEvaluator, extract_features, final_evaluation, linear_probe  # noqa: E402
-from selfsup.finetune import Classifier, SupervisedTask  # noqa: E402
-from selfsup.transfer import (  # noqa: E402
-    build_parser, exit_on_user_error, finish, labelled_sets, prepare_run_dir, setup,
-)
+from selfsup.cli.common import build_parser, console, exit_on_user_error, print_config
 
 TOOL = "linear_probe"
 # The recipe without a --config: SGD + cosine on cached features, no weight decay (MoCo v1 / v2)
@@ -56,7 +42,18 @@ def _variant(cfg) -> str:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser(__doc__, FLAGS).parse_intermixed_args(argv)  # overrides may sit between flags
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    from selfsup.engine import fit, make_accelerator, make_loader
+    from selfsup.evaluation import ClassifierEvaluator, extract_features, final_evaluation, linear_probe
+    from selfsup.finetune import Classifier, SupervisedTask
+    from selfsup.hardware import loader_workers
+    from selfsup.transfer import finish, labelled_sets, prepare_run_dir, setup
+
     run = setup(args, TOOL, DEFAULTS, FLAGS, name_suffix=_variant)
+    if args.print_config:
+        return print_config(run.cfg)
     cfg = run.cfg
     accelerator = make_accelerator(cfg, run.run_dir)
     prepare_run_dir(run, TOOL, accelerator.is_main_process)
@@ -87,6 +84,11 @@ def main(argv: list[str] | None = None) -> dict:
     out = finish(run, TOOL, metrics, extra, args.output) if accelerator.is_main_process else metrics
     accelerator.end_training()
     return out
+
+
+def cli() -> int:
+    """`selfsup-linear-probe`."""
+    return console(main)
 
 
 if __name__ == "__main__":

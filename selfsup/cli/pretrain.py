@@ -1,5 +1,8 @@
 """Pretrain an encoder: `accelerate launch pretrain.py --config configs/X.yaml [section.key=value ...]`.
 
+Installed, the same is `selfsup-pretrain --config configs/X.yaml ...` (`accelerate launch -m selfsup.cli.pretrain`
+under the launcher); `--print-config` prints the resolved config as YAML and exits.
+
 Also runs as `python pretrain.py ...` (one process). On a machine without a GPU,
 `accelerate launch --multi_gpu --num_processes 2 pretrain.py ...` starts 2 CPU processes (gloo).
 """
@@ -9,37 +12,42 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-from accelerate.utils import set_seed
-
-from selfsup.builders import (
-    build_backbone, build_batch_transform, build_labelled_pair, build_pretraining, in_chans, run_dir_for,
-)
-from selfsup.config import ConfigError, load_config, save_config
-from selfsup.data import BrokenImageError
-from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
-from selfsup.evaluation import KNNMonitor
-from selfsup.export import EncoderLoadError, save_encoder
-from selfsup.hardware import loader_workers
-from selfsup.methods import Method
-from selfsup.plots import ReconstructionGrid, plot_metrics
-from selfsup.sampling import ViewDataset
-from selfsup.transforms import build_eval_transform
+from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with sections data, backbone, method, optim, train, eval")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3 train.epochs=5")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    from selfsup.config import ConfigError, load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    if args.print_config:
+        from selfsup.cli.common import print_config
+
+        return print_config(cfg)
+    return run_pretraining(cfg)
+
+
+def run_pretraining(cfg) -> dict[str, Any]:
+    """Train, evaluate and export one resolved config; the summary (also summary.json in the run directory)."""
+    from accelerate.utils import set_seed
+
+    from selfsup.builders import build_batch_transform, build_pretraining, in_chans, run_dir_for
+    from selfsup.config import save_config
+    from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
+    from selfsup.export import save_encoder
+    from selfsup.plots import plot_metrics
+
     run_dir = run_dir_for(cfg)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.train.seed)
@@ -90,8 +98,12 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def build_monitor(cfg, device, bf16: bool = False) -> KNNMonitor | None:
-    """kNN monitor on a labelled split; None (with a note) when the data has no labels."""
+def build_monitor(cfg, device, bf16: bool = False):
+    """kNN monitor on a labelled split (a KNNMonitor); None (with a note) when the data has no labels."""
+    from selfsup.builders import build_labelled_pair, in_chans
+    from selfsup.evaluation import KNNMonitor
+    from selfsup.hardware import loader_workers
+
     dataset = cfg.eval.dataset or cfg.data.dataset
     root = cfg.eval.root if cfg.eval.dataset else (cfg.eval.root or cfg.data.root)
     train_set, test_set = build_labelled_pair(
@@ -109,9 +121,13 @@ def build_monitor(cfg, device, bf16: bool = False) -> KNNMonitor | None:
                       bf16=bf16, pixel_baseline=cfg.eval.pixel_baseline)
 
 
-def baselines(cfg, monitor: KNNMonitor, device) -> dict:
+def baselines(cfg, monitor, device) -> dict:
     """What the encoder's kNN figure stands beside on the same protocol: the same backbone at random
     init and raw pixels (eval.random_init_baseline / eval.pixel_baseline), and which is higher."""
+    from accelerate.utils import set_seed
+
+    from selfsup.builders import build_backbone
+
     out: dict = {}
     if cfg.eval.random_init_baseline:
         set_seed(cfg.train.seed)  # the very initialisation the run started from
@@ -140,6 +156,12 @@ def compare_line(summary: dict) -> str | None:
 def with_reconstructions(monitor, method, cfg, train_set, info, run_dir):
     """The kNN monitor plus, for methods that reconstruct images (MAE, SimMIM), a PNG grid of fixed
     images at every evaluation: the monitor's test images, or the training images without augmentation."""
+    from selfsup.builders import in_chans
+    from selfsup.methods import Method
+    from selfsup.plots import ReconstructionGrid
+    from selfsup.sampling import ViewDataset
+    from selfsup.transforms import build_eval_transform
+
     if type(method).reconstruct is Method.reconstruct:
         return monitor
     if monitor is not None:
@@ -158,10 +180,15 @@ def with_reconstructions(monitor, method, cfg, train_set, info, run_dir):
     return evaluate
 
 
-def cli() -> int:
-    """Command-line entry: known failures print their one-paragraph message instead of a traceback."""
+def cli(argv: list[str] | None = None) -> int:
+    """Command-line entry (`selfsup-pretrain`): known failures print their one-paragraph message instead of a traceback."""
+    parse_args(argv)  # --help and argument errors before the heavy imports below
+    from selfsup.data import BrokenImageError
+    from selfsup.engine import NonFiniteLossError, TrainingInterrupted
+    from selfsup.export import EncoderLoadError
+
     try:
-        main()
+        main(argv)
     except (TrainingInterrupted, NonFiniteLossError, EncoderLoadError, BrokenImageError, FileNotFoundError, ValueError) as e:
         print(f"[selfsup] stopped: {e}", file=sys.stderr)
         return 143 if isinstance(e, TrainingInterrupted) else 1
