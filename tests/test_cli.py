@@ -104,7 +104,10 @@ def test_console_scripts_point_at_the_cli_functions():
 def test_non_editable_install_provides_the_commands(tmp_path):
     """pip install (not editable) into a venv that sees this machine's torch; then the commands run from anywhere."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300)
+    # --without-pip: the venv's bundled setuptools (older, no bdist_wheel without `wheel`) would shadow this
+    # machine's; its python still runs this machine's pip from the system site-packages, installing into the venv
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True,
+                   timeout=300)
     bin_dir = venv / "bin"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
