@@ -174,9 +174,14 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_small_resnet(variant: str, pretrained: bool, **kwargs: Any) -> SmallStemResNet:
-    if pretrained:
-        raise ValueError(f"{variant} has no pretrained weights; use pretrained=False")
-    return build_model_with_cfg(SmallStemResNet, variant, pretrained=False, **kwargs)
+    # Weights come only from an exported encoder: timm.create_model("local-dir:DIR" / "hf-hub:ID", pretrained=True)
+    # hands its config.json's pretrained_cfg (file / hf_hub_id) to this factory.
+    source = kwargs.get("pretrained_cfg")
+    source = source if isinstance(source, dict) else getattr(source, "__dict__", {}) if source is not None else {}
+    if pretrained and not (source.get("file") or source.get("hf_hub_id")):
+        raise ValueError(f"{variant} has no pretrained weights; use pretrained=False, or load an exported encoder "
+                         "with timm.create_model('local-dir:RUN/encoder', pretrained=True)")
+    return build_model_with_cfg(SmallStemResNet, variant, pretrained=pretrained, **kwargs)
 
 
 @register_model

@@ -158,6 +158,8 @@ def fit(
     run_dir = Path(run_dir)
     ckpt_root = run_dir / "checkpoints"
     is_main = accelerator.is_main_process
+    if is_main:  # a caller (e.g. a notebook) need not create it: metrics and checkpoints go in it
+        run_dir.mkdir(parents=True, exist_ok=True)
     sampler = loader.sampler if isinstance(loader.sampler, EpochSampler) else None
     dataset = getattr(loader, "dataset", None)  # for the broken-image count
 

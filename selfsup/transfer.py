@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from selfsup.backbones import create_backbone
+from selfsup.cli.common import COMMON_FLAGS, build_parser, dest, exit_on_user_error  # noqa: F401 (re-exported)
 from selfsup.checkpoints import list_checkpoints
 from selfsup.config import Config, ConfigError, load_config, save_config, to_dict
 from selfsup.data import build_dataset, dataset_info
@@ -34,31 +34,6 @@ from selfsup.transforms import build_eval_transform, build_views
 
 NAME_PREFIX = "timm:"
 PIXELS = "pixels"  # --encoder pixels: raw pixels as features, the baseline of every protocol
-
-# (flag, dotted config key, argparse keywords): each flag is sugar for one override
-COMMON_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--dataset", "data.dataset", {"help": "labelled dataset, as in pretraining (default: the encoder's)"}),
-    ("--root", "data.root", {"help": "dataset directory; image_folder: one sub-folder per class (split folders train/ test/ optional)"}),
-    ("--image-size", "data.image_size", {"type": int, "help": "default: the encoder's pretraining size"}),
-    ("--max-train", "data.subset", {"type": int, "help": "a fixed random subset of the train split"}),
-    ("--max-test", "eval.max_test_samples", {"type": int, "help": "a fixed random subset of the test split"}),
-    ("--seed", "train.seed", {"type": int}),
-]
-
-
-def build_parser(description: str, flags: list[tuple[str, str, dict[str, Any]]]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder", required=True,
-                        help="exported encoder dir, run dir or checkpoint dir; a backbone name at random init "
-                             "(resnet18_small, timm:resnet18); or 'pixels' (raw pixels, the baseline)")
-    parser.add_argument("--config", default=None, help="YAML with the usual sections (data, optim, train, eval, probe, finetune)")
-    for flag, key, kwargs in COMMON_FLAGS + flags:
-        parser.add_argument(flag, dest=_dest(flag), default=None, **{"help": f"= {key}", **kwargs})
-    parser.add_argument("--output-dir", default=None, help="run directory (default: train.output_dir/<tool>_<encoder>_<dataset>)")
-    parser.add_argument("--output", default=None, help="also write the JSON result here")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.1 train.epochs=20")
-    return parser
-
 
 @dataclass
 class ToolRun:
@@ -80,7 +55,7 @@ def setup(
     recorded = {k: v for k, v in meta.get("data", {}).items() if k in ("dataset", "image_size") and v is not None}
     layered = {**defaults, "data": {**defaults.get("data", {}), **recorded}}
     overrides = [f"{key}={json.dumps(value)}" for flag, key, _ in COMMON_FLAGS + flags
-                 if (value := getattr(args, _dest(flag))) is not None]
+                 if (value := getattr(args, dest(flag))) is not None]
     cfg = load_config(args.config, overrides + list(args.overrides), defaults=layered)
     if encoder is None and args.encoder == PIXELS:
         channels = int(cfg.backbone.kwargs.get("in_chans", 3))
@@ -176,24 +151,7 @@ def finish(run: ToolRun, tool: str, metrics: dict[str, Any], extra: dict[str, An
     return result
 
 
-def exit_on_user_error(main):
-    """Run a tool's main; a config or input mistake exits with its message instead of a traceback."""
-    from selfsup.export import EncoderLoadError
-
-    def wrapped(argv: list[str] | None = None):
-        try:
-            return main(argv)
-        except (ConfigError, EncoderLoadError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
-
-    return wrapped
-
-
 # --------------------------------------------------------------------------------------------
-
-
-def _dest(flag: str) -> str:
-    return flag.lstrip("-").replace("-", "_")
 
 
 def _encoder_path(spec: str) -> Path | None:

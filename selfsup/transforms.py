@@ -19,7 +19,7 @@ from torchvision.transforms.v2 import functional as F
 
 __all__ = [
     "VIEW_PRESETS", "VIEW_OPTIONS", "SIZE_PRESETS", "MultiView", "EvalTransform", "build_views", "build_eval_transform",
-    "resolve_preset",
+    "resolve_preset", "eval_resize_size",
 ]
 
 # Keys whose value is a (min, max) pair; a per-view list of them is a list of pairs.
@@ -176,7 +176,7 @@ def build_eval_transform(
 ) -> EvalTransform:
     """Deterministic resize + centre crop for evaluation (ImageNet's 8/7 resize only from 64 px up)."""
     mean, std = _stats(mean, std, in_chans)
-    resize = round(image_size * 8 / 7) if image_size >= 64 else image_size
+    resize = eval_resize_size(image_size)
     pipeline = v2.Compose([
         v2.Resize(resize, antialias=True),  # shorter side
         v2.CenterCrop(image_size),
@@ -184,6 +184,11 @@ def build_eval_transform(
         v2.Normalize(mean, std),
     ])
     return EvalTransform(pipeline, in_chans)
+
+
+def eval_resize_size(image_size: int) -> int:
+    """Shorter side before the centre crop: ImageNet's 8/7 from 64 px up, none below (export writes it as crop_pct)."""
+    return round(image_size * 8 / 7) if image_size >= 64 else image_size
 
 
 # ---------------------------------------------------------------------------------------------

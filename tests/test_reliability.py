@@ -213,7 +213,8 @@ def test_wrong_encoder_inputs_get_clear_errors(tmp_path):
     save_encoder(small, tmp_path / "mismatch")
     other = create_backbone("resnet18_small", channels=[16, 32, 64, 128], stem_width=16)
     save_encoder(other, tmp_path / "other")
-    (tmp_path / "mismatch" / "config.json").write_text((tmp_path / "other" / "config.json").read_text())
+    for name in ("config.json", "selfsup.json"):
+        (tmp_path / "mismatch" / name).write_text((tmp_path / "other" / name).read_text())
     with pytest.raises(EncoderLoadError, match="do not fit the backbone.*shape mismatch.*re-export"):
         load_encoder(tmp_path / "mismatch")
 

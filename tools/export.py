@@ -1,6 +1,6 @@
 """Export the encoder of a run or checkpoint: `python tools/export.py --source runs/<run>/checkpoints/step_X --out DIR`.
 
-Writes DIR/model.safetensors (timm key names) + DIR/config.json, the same as a finished run's encoder/.
+Writes DIR/model.safetensors (timm key names) + timm's DIR/config.json + DIR/selfsup.json, as a finished run's encoder/.
 """
 
 from __future__ import annotations

@@ -1,93 +1,14 @@
-"""Fine-tune an encoder with a linear head, trained by selfsup.engine.fit (the loop pretraining uses).
-
-    python tools/finetune.py --encoder runs/<run>/encoder --mode layer_decay --layer-decay 0.65
-    python tools/finetune.py --encoder runs/<run>/encoder --mode discriminative --backbone-lr-scale 0.1
-    python tools/finetune.py --encoder resnet18_small --image-size 28 --dataset fashion_mnist   # from scratch
-
-Modes: frozen (backbone without gradients, out of the optimizer, kept in eval mode so its BatchNorm
-statistics stay put; the head trains), full (one lr), discriminative (backbone lr = head lr x
---backbone-lr-scale), layer_decay (BEiT / MAE: layer i at lr x decay^(L + 1 - i) from timm's
-grouping, head = L + 1). Training views: the `finetune` preset (crop + flip); testing: the eval
-transform. Options: --label-smoothing, --mixup / --cutmix (timm), --drop-path, --ema-decay (timm
-ModelEmaV3, evaluated alongside). No weight decay on biases, norms, position embeddings, class tokens.
-Writes result.json in the run directory and prints a final JSON line.
-"""
+"""`python tools/finetune.py ...`: a thin wrapper over selfsup.cli.finetune (installed: `selfsup-finetune`); `--help` for its options."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from accelerate.utils import set_seed
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from selfsup.config import ConfigError  # noqa: E402
-from selfsup.hardware import loader_workers  # noqa: E402
-from selfsup.engine import fit, make_accelerator, make_loader  # noqa: E402
-from selfsup.evaluation import ClassifierEvaluator, final_evaluation  # noqa: E402
-from selfsup.finetune import Classifier, SupervisedTask, build_finetune_optimizer, with_drop_path  # noqa: E402
-from selfsup.optim import scaled_lr  # noqa: E402
-from selfsup.transfer import (  # noqa: E402
-    build_parser, exit_on_user_error, finish, labelled_sets, prepare_run_dir, setup,
-)
-
-TOOL = "finetune"
-# The recipe without a --config: AdamW + warmup-cosine, weight decay 0.05 (MAE fine-tuning, shortened)
-DEFAULTS = {
-    "data": {"batch_size": 128},
-    "optim": {"name": "adamw", "lr": 1e-3, "lr_scaling": "linear", "weight_decay": 0.05, "warmup_epochs": 1.0},
-    "train": {"epochs": 20},
-    "eval": {"max_test_samples": None},
-}
-FLAGS = [
-    ("--mode", "finetune.mode", {"help": "frozen | full (default) | discriminative | layer_decay"}),
-    ("--layer-decay", "optim.layer_decay", {"type": float, "help": "layer_decay mode: e.g. 0.65 (ViT-B) or 0.75"}),
-    ("--backbone-lr-scale", "finetune.backbone_lr_scale", {"type": float, "help": "discriminative mode (default 0.1)"}),
-    ("--label-smoothing", "finetune.label_smoothing", {"type": float}),
-    ("--mixup", "finetune.mixup", {"type": float, "help": "Mixup alpha, e.g. 0.8"}),
-    ("--cutmix", "finetune.cutmix", {"type": float, "help": "CutMix alpha, e.g. 1.0"}),
-    ("--drop-path", "finetune.drop_path_rate", {"type": float, "help": "stochastic depth rate, e.g. 0.1"}),
-    ("--ema-decay", "finetune.ema_decay", {"type": float, "help": "EMA of the weights, e.g. 0.999"}),
-    ("--optimizer", "optim.name", {"help": "adamw (default) | sgd | lars | lamb"}),
-    ("--lr", "optim.lr", {"type": float, "help": "base lr of the head for a global batch of 256"}),
-    ("--epochs", "train.epochs", {"type": int}),
-]
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser(__doc__, FLAGS).parse_intermixed_args(argv)  # overrides may sit between flags
-    run = setup(args, TOOL, DEFAULTS, FLAGS, name_suffix=lambda cfg: f"_{cfg.finetune.mode}")
-    cfg, ft = run.cfg, run.cfg.finetune
-    if (ft.mixup or ft.cutmix) and cfg.data.batch_size % 2:
-        raise ConfigError(f"Mixup/CutMix pair up each batch: data.batch_size must be even, got {cfg.data.batch_size}.")
-    accelerator = make_accelerator(cfg, run.run_dir)
-    prepare_run_dir(run, TOOL, accelerator.is_main_process)
-    set_seed(cfg.train.seed)
-    bf16 = accelerator.mixed_precision == "bf16"
-    train_set, test_set, num_classes = labelled_sets(run, augment=True)
-
-    backbone = with_drop_path(run.encoder, ft.drop_path_rate)
-    model = Classifier(backbone, num_classes, freeze_backbone=ft.mode == "frozen")
-    task = SupervisedTask(model, num_classes, label_smoothing=ft.label_smoothing, mixup=ft.mixup, cutmix=ft.cutmix,
-                          ema_decay=ft.ema_decay)
-    global_batch = cfg.data.batch_size * accelerator.num_processes * cfg.train.accumulate_steps  # as fit computes it
-    optimizer = build_finetune_optimizer(model, cfg, scaled_lr(cfg.optim, global_batch))
-    evaluate = ClassifierEvaluator(test_set, batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data),
-                                   device=accelerator.device, bf16=bf16)
-    loader = make_loader(train_set, cfg.data, seed=cfg.train.seed)
-    result = fit(task, loader, cfg, accelerator, run_dir=run.run_dir, evaluate=evaluate, optimizer=optimizer)
-    metrics = final_evaluation(result, task, evaluate, accelerator)
-
-    extra = {"mode": ft.mode, "layer_decay": cfg.optim.layer_decay,
-             "backbone_lr_scale": ft.backbone_lr_scale if ft.mode == "discriminative" else None,
-             "epochs": cfg.train.epochs, "steps": result.steps, "train_size": len(train_set), "test_size": len(test_set),
-             "num_classes": num_classes}
-    out = finish(run, TOOL, metrics, extra, args.output) if accelerator.is_main_process else metrics
-    accelerator.end_training()
-    return out
-
+from selfsup.cli.finetune import *  # noqa: E402,F401,F403
+from selfsup.cli.finetune import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -1,61 +1,14 @@
-"""Weighted kNN top-1/top-5 of a frozen encoder (Wu et al. 2018: cosine, k=200, T=0.1 by default).
-
-    python tools/knn.py --encoder runs/<run>/encoder --dataset fashion_mnist
-    python tools/knn.py --encoder resnet18_small --dataset image_folder --root data/pets --image-size 64
-
-Features of the train and test splits are computed once (eval transform, no augmentation); the vote
-runs in blocks so a 1M x 1k feature bank fits in memory. Settings: eval.knn_k, eval.knn_temperature,
-eval.batch_size (extraction); eval.pixel_baseline=true adds raw pixels scored the same way
-(`--encoder pixels` scores pixels alone). Writes result.json in the run directory and prints a final JSON line.
-"""
+"""`python tools/knn.py ...`: a thin wrapper over selfsup.cli.knn (installed: `selfsup-knn`); `--help` for its options."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from selfsup.hardware import loader_workers  # noqa: E402
-from selfsup.engine import make_accelerator  # noqa: E402
-from selfsup.evaluation import PixelEncoder, extract_features, knn_evaluate  # noqa: E402
-from selfsup.transfer import build_parser, exit_on_user_error, finish, labelled_sets, setup  # noqa: E402
-
-TOOL = "knn"
-DEFAULTS = {"eval": {"max_test_samples": None}}
-FLAGS = [
-    ("--k", "eval.knn_k", {"type": int, "help": "neighbours (eval.knn_k, default 200)"}),
-    ("--temperature", "eval.knn_temperature", {"type": float, "help": "vote weight exp(sim / T) (default 0.1)"}),
-]
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser(__doc__, FLAGS).parse_intermixed_args(argv)  # overrides may sit between flags
-    run = setup(args, TOOL, DEFAULTS, FLAGS)
-    cfg = run.cfg
-    accelerator = make_accelerator(cfg)
-    train_set, test_set, num_classes = labelled_sets(run, augment=False)
-    bf16 = accelerator.mixed_precision == "bf16"
-
-    def score(encoder):
-        (train_f, train_y), (test_f, test_y) = (
-            extract_features(encoder, DataLoader(ds, batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data)),
-                             accelerator.device, bf16=bf16)
-            for ds in (train_set, test_set)
-        )
-        return knn_evaluate(train_f, train_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-                            num_classes=num_classes, device=accelerator.device)
-
-    metrics = score(run.encoder.to(accelerator.device))
-    extra = {"k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature, "train_size": len(train_set),
-             "test_size": len(test_set), "num_classes": num_classes}
-    if cfg.eval.pixel_baseline and not run.meta.get("pixels"):  # the same protocol on raw pixels
-        extra.update({f"pixels_{k}": v for k, v in score(PixelEncoder()).items()})
-    return finish(run, TOOL, metrics, extra, args.output) if accelerator.is_main_process else metrics
-
+from selfsup.cli.knn import *  # noqa: E402,F401,F403
+from selfsup.cli.knn import main  # noqa: E402
 
 if __name__ == "__main__":
     main()
