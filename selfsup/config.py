@@ -94,11 +94,19 @@ class EvalConfig:
     test_split: str = "test"
     knn_k: int = 200
     knn_temperature: float = 0.1
-    max_train_samples: int | None = 10000
+    max_train_samples: int | None = 10000  # at most this many (a fixed random subset); a smaller set is used whole
     max_test_samples: int | None = 2000
     batch_size: int = 256
     random_init_baseline: bool = False  # at the end, also score the same backbone at random init
     pixel_baseline: bool = False  # at the end, also score raw pixels (the eval transform's tensors) the same way
+    # An image_folder without train/ and test/ sub-folders: this part of every class is held out as the
+    # test set (stratified, fixed by holdout_seed, not train.seed), so evaluation never scores a training image.
+    holdout_fraction: float = 0.2
+    holdout_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"eval.holdout_fraction must be in (0, 1) (e.g. 0.2), got {self.holdout_fraction}.")
 
 
 FINETUNE_MODES = ("frozen", "full", "discriminative", "layer_decay")

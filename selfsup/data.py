@@ -24,6 +24,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
+from selfsup.config import ConfigError
+
 __all__ = [
     "DATASETS",
     "IMAGE_EXTENSIONS",
@@ -31,6 +33,8 @@ __all__ = [
     "DatasetInfo",
     "dataset_info",
     "build_dataset",
+    "build_train_test",
+    "holdout_split",
     "load_image",
     "read_idx",
     "ImageFolderDataset",
@@ -120,18 +124,137 @@ def build_dataset(
     return dataset
 
 
-def _fixed_subset(dataset: Dataset, size: int, seed: int) -> Subset:
-    """The same `size` items for a given seed, for quick runs on a slice of a dataset."""
+def _fixed_subset(dataset: Dataset, size: int, seed: int, key: str = "data.subset") -> Subset:
+    """The same `size` items for a given seed, for quick runs on a slice of a dataset; `key` is the
+    config key that asked for it (named in the error)."""
     total = len(dataset)
     if not 0 < size <= total:
-        raise ValueError(f"data.subset={size} must be between 1 and the dataset size ({total})")
+        raise ConfigError(
+            f"{key}={size} must be between 1 and the size of the set it is drawn from ({total}); "
+            f"set {key}={total} or null to use all of it"
+        )
     generator = torch.Generator().manual_seed(_mix_seed(seed, total))
     indices = torch.randperm(total, generator=generator)[:size].sort().values.tolist()
+    return _subset(dataset, indices)
+
+
+def _subset(dataset: Dataset, indices: list[int]) -> Subset:
+    """Subset that keeps the attributes callers read (num_classes, classes, root)."""
     sub = Subset(dataset, indices)
     sub.num_classes = getattr(dataset, "num_classes", None)
-    if hasattr(dataset, "classes"):
-        sub.classes = dataset.classes
+    for name in ("classes", "root"):
+        if hasattr(dataset, name):
+            setattr(sub, name, getattr(dataset, name))
     return sub
+
+
+# ---------------------------------------------------------------------------------------------
+# Train/test pairs for evaluation (kNN monitor, linear probe, kNN and fine-tuning tools)
+# ---------------------------------------------------------------------------------------------
+
+_ANNOUNCED_HOLDOUTS: set[tuple[str, float, int]] = set()
+
+
+def build_train_test(
+    name: str,
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    max_train: int | None = None,
+    max_test: int | None = None,
+    max_train_key: str = "data.subset",
+    max_test_key: str = "eval.max_test_samples",
+    holdout_fraction: float = 0.2,
+    holdout_seed: int = 0,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    image_size: int = 32,
+    num_samples: int = 512,
+    num_classes: int = 10,
+) -> tuple[Dataset, Dataset]:
+    """Raw train and test sets that never share an image.
+
+    An image_folder whose test split would be the training folder itself (no train/ and test/
+    sub-folders) gets a fixed, stratified held-out part (`holdout_split`) as its test set. The caps
+    `max_train` / `max_test` then draw fixed subsets of each part (a part within its cap is used whole);
+    their config keys are named in errors.
+    """
+    common = dict(root=root, download=download, seed=seed, image_size=image_size,
+                  num_samples=num_samples, num_classes=num_classes)
+    folder = _image_folder_dir(root, train_split) if name == "image_folder" else None
+    if folder is not None and folder.resolve() == _image_folder_dir(root, test_split).resolve():
+        dataset = ImageFolderDataset(folder)
+        if dataset.classes is None:
+            train = test = dataset  # unlabelled: every caller refuses it before scoring anything
+        else:
+            train, test = holdout_split(dataset, holdout_fraction, holdout_seed)
+            announced = (str(folder.resolve()), holdout_fraction, holdout_seed)
+            if announced not in _ANNOUNCED_HOLDOUTS:
+                _ANNOUNCED_HOLDOUTS.add(announced)
+                where = f"has no {test_split}/ split" if folder.resolve() == Path(root).expanduser().resolve() \
+                    else f"split {train_split!r} is also the test split ({test_split!r})"
+                print(f"[selfsup] image_folder {where}: holding out {100 * holdout_fraction:g} % ({len(test)} images, "
+                      f"stratified, seed {holdout_seed}) for evaluation (eval.holdout_fraction, eval.holdout_seed)",
+                      flush=True)
+    else:
+        train = build_dataset(name, split=train_split, **common)
+        test = build_dataset(name, split=test_split, **common)
+    # caps, not sizes: a set smaller than its cap is used whole (a 10000-image default must not fail on 500)
+    if max_train is not None and not (max_train >= len(train) > 0):
+        train = _fixed_subset(train, max_train, seed, max_train_key)
+    if max_test is not None and not (max_test >= len(test) > 0):
+        test = _fixed_subset(test, max_test, seed, max_test_key)
+    if getattr(train, "num_classes", None):
+        _check_disjoint(train, test)
+    return train, test
+
+
+def holdout_split(
+    dataset: "ImageFolderDataset", fraction: float, seed: int = 0, key: str = "eval.holdout_fraction"
+) -> tuple[Subset, Subset]:
+    """(train, held-out) parts of a labelled folder: per class, round(fraction x n) images (at least 1,
+    at most n - 1) picked by a permutation seeded by (seed, class index) alone, the rest for training."""
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"{key} must be in (0, 1) (e.g. 0.2), got {fraction}")
+    labels = np.array([label for _, label in dataset.samples])
+    train_indices: list[int] = []
+    test_indices: list[int] = []
+    for label, class_name in enumerate(dataset.classes):
+        members = np.flatnonzero(labels == label)  # sorted dataset indices of this class
+        if len(members) < 2:
+            raise ConfigError(
+                f"{dataset.root} has no test split and class {class_name!r} holds {len(members)} image: {key} "
+                "holds out at least one image of every class and trains on the rest, so each class needs 2 or more; "
+                "add images, or give the folder train/ and test/ sub-folders"
+            )
+        held = min(len(members) - 1, max(1, math.floor(fraction * len(members) + 0.5)))
+        order = np.random.default_rng(_mix_seed(seed, label)).permutation(len(members))
+        test_indices.extend(members[order[:held]].tolist())
+        train_indices.extend(members[order[held:]].tolist())
+    return _subset(dataset, sorted(train_indices)), _subset(dataset, sorted(test_indices))
+
+
+def _sample_paths(dataset: Dataset) -> list[str] | None:
+    """The file of every item (through Subsets), or None for datasets not read from files."""
+    if isinstance(dataset, Subset):
+        paths = _sample_paths(dataset.dataset)
+        return None if paths is None else [paths[i] for i in dataset.indices]
+    if isinstance(dataset, ImageFolderDataset):
+        return [path for path, _ in dataset.samples]
+    return None
+
+
+def _check_disjoint(train: Dataset, test: Dataset) -> None:
+    train_paths, test_paths = _sample_paths(train), _sample_paths(test)
+    if train_paths is None or test_paths is None:
+        return
+    shared = set(train_paths).intersection(test_paths)
+    if shared:
+        raise RuntimeError(
+            f"the train and test sets share {len(shared)} image files (e.g. {min(shared)}): evaluation would score "
+            "images it trained on; give eval.test_split a folder of its own"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +342,11 @@ class ImageFolderDataset(Dataset):
 
 
 def _image_folder(root: str | os.PathLike | None, split: str) -> ImageFolderDataset:
+    return ImageFolderDataset(_image_folder_dir(root, split))
+
+
+def _image_folder_dir(root: str | os.PathLike | None, split: str) -> Path:
+    """`root/split` when it exists, `root` itself when it has no split folders at all."""
     if root is None:
         raise ValueError("image_folder needs a directory: set data.root=/path/to/images")
     root = Path(root).expanduser()
@@ -226,14 +354,14 @@ def _image_folder(root: str | os.PathLike | None, split: str) -> ImageFolderData
         raise FileNotFoundError(f"image folder {root} does not exist; set data.root to a directory of images")
     split_dir = root / split
     if split_dir.is_dir():
-        return ImageFolderDataset(split_dir)
+        return split_dir
     present = [s for s in ("train", "val", "test") if (root / s).is_dir()]
     if present:
         raise FileNotFoundError(
             f"{split_dir} does not exist but {root} has split folders {present}; "
-            "set data.split to one of them"
+            "set data.split (eval.test_split for the test set) to one of them"
         )
-    return ImageFolderDataset(root)
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
