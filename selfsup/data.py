@@ -36,6 +36,7 @@ __all__ = [
     "build_train_test",
     "holdout_split",
     "load_image",
+    "to_8bit",
     "read_idx",
     "ImageFolderDataset",
     "ArrayImageDataset",
@@ -271,13 +272,54 @@ class BrokenImageError(OSError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode one image file as is (mode untouched); any decoding failure becomes BrokenImageError."""
+    """Decode one image file to 8 bits per channel (`to_8bit`); any decoding failure becomes BrokenImageError."""
     try:
         with Image.open(path) as image:
             image.load()  # decode now: truncated files fail here, not later inside a transform
-            return image
+            return to_8bit(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BrokenImageError(path, e) from e
+
+
+_8BIT_MODES = ("L", "LA", "RGB", "RGBA")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """The image in L, LA, RGB or RGBA, wider values scaled, not clipped (PIL's convert clips a 16-bit
+    image to 255: a gradient came out 99.6 % white). Alpha is kept; the transforms drop it.
+
+    16-bit (I;16*, and I within [0, 65535], as older Pillow reads 16-bit PNGs): value / 257, rounded.
+    F within [0, 1]: x 255. Other I / F ranges (32-bit ints, arbitrary floats): the image's own min..max.
+    1 -> L; P -> RGB, or RGBA when it has a transparent colour; CMYK, YCbCr, ... -> RGB(A).
+    """
+    mode = image.mode
+    if mode in _8BIT_MODES:
+        return image
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(image), mode), mode="L")
+    if mode == "1":
+        return image.convert("L")
+    if mode == "La":  # premultiplied alpha
+        return image.convert("LA")
+    if mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    has_alpha = any(band in ("A", "a") for band in image.getbands())
+    return image.convert("RGBA" if has_alpha else "RGB")
+
+
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """[H, W] uint8 from a single-band 16/32-bit int or float image (see to_8bit)."""
+    values = np.nan_to_num(values.astype(np.float64))
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0  # 65535 -> 255, 257 k -> k
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    elif high > low:
+        scaled = (values - low) * (255.0 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _is_image(name: str) -> bool:
