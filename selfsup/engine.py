@@ -27,9 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from selfsup.checkpoints import (
-    STATE_FILE,
-    find_resume_checkpoint,
     list_checkpoints,
+    load_resume_checkpoint,
     save_checkpoint,
 )
 from selfsup.config import Config, DataConfig
@@ -197,10 +196,9 @@ def fit(
 
     # --- resume --------------------------------------------------------------------------------
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "last_loss": None, "skipped_nonfinite": 0}
-    resume_from = find_resume_checkpoint(tcfg.resume, ckpt_root)
+    resume_from, saved_state = load_resume_checkpoint(accelerator, tcfg.resume, ckpt_root)  # newest that loads
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state.update(json.loads((resume_from / STATE_FILE).read_text()))
+        state.update(saved_state)
         accelerator.print(f"[selfsup] resumed from {resume_from} at step {state['step']}")
     if tcfg.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))
