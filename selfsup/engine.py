@@ -177,9 +177,11 @@ def fit(
     batches_per_epoch = len(loader)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     if batches_per_epoch == 0:
+        # batch_size as read before prepare(): Accelerate's loader carries a batch sampler and batch_size None
+        size = f" ({len(dataset)} images)" if dataset is not None else ""
         raise ValueError(
-            f"The dataset has fewer images than one global batch ({global_batch} = data.batch_size "
-            f"{loader.batch_size} x {world} processes x {accumulate} accumulation steps); "
+            f"The dataset{size} has fewer images than one global batch ({global_batch} = data.batch_size "
+            f"{batch_size} x {world} processes x {accumulate} accumulation steps); "
             "lower data.batch_size or use more data."
         )
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
