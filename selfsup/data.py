@@ -176,15 +176,16 @@ def build_train_test(
 ) -> tuple[Dataset, Dataset]:
     """Raw train and test sets that never share an image.
 
-    An image_folder whose test split would be the training folder itself (no train/ and test/
-    sub-folders) gets a fixed, stratified held-out part (`holdout_split`) as its test set. The caps
+    An image_folder without a test split of its own (no split folders at all, or train/ alone, or the
+    test split named the same as the train split) gets a fixed, stratified held-out part of the training
+    folder (`holdout_split`) as its test set. The caps
     `max_train` / `max_test` then draw fixed subsets of each part (a part within its cap is used whole);
     their config keys are named in errors.
     """
     common = dict(root=root, download=download, seed=seed, image_size=image_size,
                   num_samples=num_samples, num_classes=num_classes)
     folder = _image_folder_dir(root, train_split) if name == "image_folder" else None
-    if folder is not None and folder.resolve() == _image_folder_dir(root, test_split).resolve():
+    if folder is not None and folder.resolve() == _test_folder(Path(root).expanduser(), train_split, test_split):
         dataset = ImageFolderDataset(folder)
         if dataset.classes is None:
             train = test = dataset  # unlabelled: every caller refuses it before scoring anything
@@ -193,7 +194,7 @@ def build_train_test(
             announced = (str(folder.resolve()), holdout_fraction, holdout_seed)
             if announced not in _ANNOUNCED_HOLDOUTS:
                 _ANNOUNCED_HOLDOUTS.add(announced)
-                where = f"has no {test_split}/ split" if folder.resolve() == Path(root).expanduser().resolve() \
+                where = f"has no {test_split}/ split" if not (Path(root).expanduser() / test_split).is_dir() \
                     else f"split {train_split!r} is also the test split ({test_split!r})"
                 print(f"[selfsup] image_folder {where}: holding out {100 * holdout_fraction:g} % ({len(test)} images, "
                       f"stratified, seed {holdout_seed}) for evaluation (eval.holdout_fraction, eval.holdout_seed)",
@@ -209,6 +210,16 @@ def build_train_test(
     if getattr(train, "num_classes", None):
         _check_disjoint(train, test)
     return train, test
+
+
+def _test_folder(root: Path, train_split: str, test_split: str) -> Path:
+    """The resolved folder of the test split; the training folder's when there is none (the root without
+    split folders, or train/ alone), which `build_train_test` then splits."""
+    if not (root / test_split).is_dir() and (root / train_split).is_dir():
+        others = [s for s in ("train", "val", "test") if s != train_split and (root / s).is_dir()]
+        if not others:
+            return (root / train_split).resolve()
+    return _image_folder_dir(root, test_split).resolve()
 
 
 def holdout_split(

@@ -4,6 +4,7 @@ of it and never scores an image it trained on (issue 14)."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -107,6 +108,15 @@ def test_real_split_folders_are_used_as_they_are(tmp_path):
                 Image.new("RGB", (8, 8), (i, label, 0)).save(tmp_path / split / f"c{label}" / f"{i}.png")
     train, test = build_train_test("image_folder", root=tmp_path)
     assert len(train) == 6 and len(test) == 4 and isinstance(train, ImageFolderDataset)
+    # train/ alone: its own held-out part, one image of each class (round(0.2 x 3) = 1)
+    shutil.rmtree(tmp_path / "test")
+    train, test = build_train_test("image_folder", root=tmp_path)
+    assert (len(train), len(test)) == (4, 2) and sorted(label for _, label in paths_and_labels(test)) == [0, 1]
+    assert all("/train/" in path for path, _ in paths_and_labels(test))
+    # another split folder next to train/: the test split is named, not guessed
+    (tmp_path / "val").mkdir()
+    with pytest.raises(FileNotFoundError, match="eval.test_split"):
+        build_train_test("image_folder", root=tmp_path)
 
 
 def test_too_few_images_per_class_is_a_one_line_error(tmp_path):
