@@ -8,6 +8,8 @@ Written by hand: only the small-stem ResNet (timm has no 3x3 stride-1 stem optio
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +70,27 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
             "or exported encoder instead"
         )
     kwargs.pop("pretrained", None)
+    try:
+        model = _build(name, kwargs)
+    except TypeError as e:  # timm: "ResNet.__init__() got an unexpected keyword argument 'stem_widht'"
+        match = re.search(r"unexpected keyword argument '([^']+)'", str(e))
+        if match is None or match.group(1) not in kwargs:
+            raise
+        raise ValueError(_unknown_kwarg_message(name, match.group(1))) from e
 
+    # Pooled feature size: head_hidden_size differs from num_features for models with a conv
+    # head after pooling (e.g. MobileNetV3), and it is what forward() returns when num_classes=0.
+    model.embed_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
+    model.patch_size = _patch_size(model)
+    # Placement is the engine's business, not part of the architecture (timm drops it too).
+    model.timm_kwargs = {k: v for k, v in model.timm_kwargs.items() if k not in _PLACEMENT_KWARGS}
+    model.backbone_name = name
+    model.backbone_kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
+    return model
+
+
+def _build(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The model `name` with `kwargs`, timm_name / timm_kwargs set; an unknown name raises with suggestions."""
     if name in _REGISTRY:
         model = _REGISTRY[name](**kwargs)
         if not isinstance(getattr(model, "timm_name", None), str) or not isinstance(
@@ -90,16 +112,26 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
             f"unknown backbone {name!r}.{hint} Registered: {', '.join(list_backbones())}; "
             "any timm model name also works (see timm.list_models())."
         )
-
-    # Pooled feature size: head_hidden_size differs from num_features for models with a conv
-    # head after pooling (e.g. MobileNetV3), and it is what forward() returns when num_classes=0.
-    model.embed_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
-    model.patch_size = _patch_size(model)
-    # Placement is the engine's business, not part of the architecture (timm drops it too).
-    model.timm_kwargs = {k: v for k, v in model.timm_kwargs.items() if k not in _PLACEMENT_KWARGS}
-    model.backbone_name = name
-    model.backbone_kwargs = {k: v for k, v in kwargs.items() if k not in _PLACEMENT_KWARGS}
     return model
+
+
+def _unknown_kwarg_message(name: str, key: str) -> str:
+    """backbone.kwargs.<key> is not a keyword of the model: name it, the closest valid one, and the valid ones."""
+    try:
+        with torch.device("meta"):  # no memory, no init cost
+            cls = type(_build(name, {}))
+    except Exception:  # the message must not fail where the model's defaults do
+        return f"backbone.kwargs.{key} is not a keyword argument of backbone {name!r}; remove or rename it."
+    valid = sorted({
+        param.name
+        for klass in cls.__mro__ if "__init__" in vars(klass)
+        for param in inspect.signature(klass.__init__).parameters.values()
+        if param.name != "self" and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+    } - {"num_classes", *_PLACEMENT_KWARGS})
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean backbone.kwargs.{close[0]}?" if close else ""
+    return (f"backbone.kwargs.{key} is not a keyword argument of backbone {name!r} ({cls.__name__}).{hint} "
+            f"Valid: {', '.join(valid)}.")
 
 
 def is_patch_model(name: str, **kwargs: Any) -> bool:

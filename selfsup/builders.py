@@ -10,8 +10,8 @@ from torch.utils.data import Dataset
 
 from selfsup.backbones import create_backbone
 from selfsup.batched_views import BatchedViews, UInt8Images, build_batched_views
-from selfsup.config import Config, ConfigError
-from selfsup.data import DatasetInfo, build_dataset, dataset_info
+from selfsup.config import Config, ConfigError, EvalConfig
+from selfsup.data import DatasetInfo, build_dataset, build_train_test, dataset_info
 from selfsup.methods import Method, build_method
 from selfsup.sampling import ViewDataset
 from selfsup.transforms import build_eval_transform, build_views
@@ -128,15 +128,21 @@ def build_labelled_pair(
     seed: int = 0,
     num_samples: int = 512,
     num_classes: int = 10,
+    holdout_fraction: float | None = None,
+    holdout_seed: int | None = None,
 ) -> tuple[Dataset, Dataset]:
-    """Train/test sets with the deterministic eval transform (kNN, linear probe on cached features)."""
+    """Train/test sets with the deterministic eval transform (the kNN monitor, linear probe on cached
+    features); they never share an image (an image_folder without a test split holds part of itself out,
+    `eval.holdout_fraction` / `eval.holdout_seed`, their defaults when None)."""
     info = dataset_info(dataset)
     transform = build_eval_transform(image_size=image_size, mean=info.mean, std=info.std, in_chans=in_chans)
-    out = []
-    for split, limit in ((train_split, max_train), (test_split, max_test)):
-        base = build_dataset(
-            dataset, root=root, split=split, download=download, subset=limit, seed=seed,
-            image_size=image_size, num_samples=num_samples, num_classes=num_classes,
-        )
-        out.append(ViewDataset(base, transform, seed=seed))
-    return out[0], out[1]
+    defaults = EvalConfig()
+    train, test = build_train_test(
+        dataset, root=root, train_split=train_split, test_split=test_split,
+        max_train=max_train, max_test=max_test,
+        max_train_key="eval.max_train_samples", max_test_key="eval.max_test_samples",
+        holdout_fraction=defaults.holdout_fraction if holdout_fraction is None else holdout_fraction,
+        holdout_seed=defaults.holdout_seed if holdout_seed is None else holdout_seed,
+        download=download, seed=seed, image_size=image_size, num_samples=num_samples, num_classes=num_classes,
+    )
+    return ViewDataset(train, transform, seed=seed), ViewDataset(test, transform, seed=seed)

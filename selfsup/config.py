@@ -62,6 +62,13 @@ class OptimConfig:
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
     fused: bool = False  # torch's fused update kernels (sgd, adam, adamw; CUDA and CPU): fewer launches per step
 
+    def __post_init__(self) -> None:
+        # checked here, on the key the user wrote: after batch scaling the optimizer only sees a number
+        if not self.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0 (the rate for a global batch of 256), got {self.lr}.")
+        if self.min_lr < 0:
+            raise ConfigError(f"optim.min_lr must be >= 0, got {self.min_lr}.")
+
 
 @dataclass
 class TrainConfig:
@@ -94,11 +101,19 @@ class EvalConfig:
     test_split: str = "test"
     knn_k: int = 200
     knn_temperature: float = 0.1
-    max_train_samples: int | None = 10000
+    max_train_samples: int | None = 10000  # at most this many (a fixed random subset); a smaller set is used whole
     max_test_samples: int | None = 2000
     batch_size: int = 256
     random_init_baseline: bool = False  # at the end, also score the same backbone at random init
     pixel_baseline: bool = False  # at the end, also score raw pixels (the eval transform's tensors) the same way
+    # An image_folder without train/ and test/ sub-folders: this part of every class is held out as the
+    # test set (stratified, fixed by holdout_seed, not train.seed), so evaluation never scores a training image.
+    holdout_fraction: float = 0.2
+    holdout_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ConfigError(f"eval.holdout_fraction must be in (0, 1) (e.g. 0.2), got {self.holdout_fraction}.")
 
 
 FINETUNE_MODES = ("frozen", "full", "discriminative", "layer_decay")
@@ -175,7 +190,7 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"Config file {str(path)!r} not found; pass an existing YAML file to --config.")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}.")
     if defaults:
@@ -185,6 +200,25 @@ def load_config(
     cfg = from_dict(raw)
     cfg.source = str(path) if path is not None else None
     return cfg
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed file; a syntax error becomes one ConfigError naming the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        context, context_mark = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and context_mark is not None and mark is not None and context_mark.line != mark.line:
+            context = f"{context} started at line {context_mark.line + 1}"
+        problem = ", ".join(str(p) for p in (context, getattr(e, "problem", None)) if p) or type(e).__name__
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        raise ConfigError(
+            f"{path}: YAML syntax error at {where}: {problem}. Fix the file there "
+            "(indentation, a missing ':', an unclosed bracket or quote)."
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a UTF-8 text file ({e}); pass a YAML file to --config.") from None
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -390,7 +424,11 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     keys = dotted.strip().split(".")
     if len(keys) < 2 or not all(keys):
         raise ConfigError(f"Override {item!r} must name a section and a key, e.g. train.epochs=5.")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"Override {item!r}: the value is not valid YAML ({problem}); quote it or fix the brackets.") from None
     node = raw
     for k in keys[:-1]:
         child = node.get(k)

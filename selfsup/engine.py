@@ -27,9 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from selfsup.checkpoints import (
-    STATE_FILE,
-    find_resume_checkpoint,
     list_checkpoints,
+    load_resume_checkpoint,
     save_checkpoint,
 )
 from selfsup.config import Config, DataConfig
@@ -180,9 +179,11 @@ def fit(
     batches_per_epoch = len(loader)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     if batches_per_epoch == 0:
+        # batch_size as read before prepare(): Accelerate's loader carries a batch sampler and batch_size None
+        size = f" ({len(dataset)} images)" if dataset is not None else ""
         raise ValueError(
-            f"The dataset has fewer images than one global batch ({global_batch} = data.batch_size "
-            f"{loader.batch_size} x {world} processes x {accumulate} accumulation steps); "
+            f"The dataset{size} has fewer images than one global batch ({global_batch} = data.batch_size "
+            f"{batch_size} x {world} processes x {accumulate} accumulation steps); "
             "lower data.batch_size or use more data."
         )
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
@@ -199,10 +200,9 @@ def fit(
 
     # --- resume --------------------------------------------------------------------------------
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "last_loss": None, "skipped_nonfinite": 0}
-    resume_from = find_resume_checkpoint(tcfg.resume, ckpt_root)
+    resume_from, saved_state = load_resume_checkpoint(accelerator, tcfg.resume, ckpt_root)  # newest that loads
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state.update(json.loads((resume_from / STATE_FILE).read_text()))
+        state.update(saved_state)
         accelerator.print(f"[selfsup] resumed from {resume_from} at step {state['step']}")
     if tcfg.trackers:
         accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))

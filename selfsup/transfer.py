@@ -26,7 +26,7 @@ from selfsup.backbones import create_backbone
 from selfsup.cli.common import COMMON_FLAGS, build_parser, dest, exit_on_user_error  # noqa: F401 (re-exported)
 from selfsup.checkpoints import list_checkpoints
 from selfsup.config import Config, ConfigError, load_config, save_config, to_dict
-from selfsup.data import build_dataset, dataset_info
+from selfsup.data import build_train_test, dataset_info
 from selfsup.evaluation import PixelEncoder
 from selfsup.export import load_encoder
 from selfsup.sampling import ViewDataset
@@ -95,8 +95,11 @@ def labelled_sets(run: ToolRun, *, augment: bool) -> tuple[Dataset, Dataset, int
                                       in_chans=run.in_chans, num_views=1, **view_kwargs)
     common = dict(root=cfg.data.root, download=cfg.data.download, seed=cfg.train.seed, image_size=size,
                   num_samples=cfg.data.num_samples, num_classes=cfg.data.num_classes)
-    train = build_dataset(cfg.data.dataset, split=cfg.data.split, subset=cfg.data.subset, **common)
-    test = build_dataset(cfg.data.dataset, split=cfg.eval.test_split, subset=cfg.eval.max_test_samples, **common)
+    # never the same images: an image_folder without a test split holds out eval.holdout_fraction of itself
+    train, test = build_train_test(cfg.data.dataset, train_split=cfg.data.split, test_split=cfg.eval.test_split,
+                                   max_train=cfg.data.subset, max_test=cfg.eval.max_test_samples,
+                                   holdout_fraction=cfg.eval.holdout_fraction, holdout_seed=cfg.eval.holdout_seed,
+                                   **common)
     num_classes = getattr(train, "num_classes", None)
     if not num_classes:
         raise ConfigError(

@@ -129,3 +129,42 @@ def test_register_custom_backbone(monkeypatch):
 
     with pytest.raises(ValueError, match="timm_name"):
         create_backbone("no_timm_source")
+
+
+@pytest.mark.parametrize("name, typo, meant", [
+    ("resnet18_small", "stem_widht", "stem_width"),  # a registered variant (SmallStemResNet over timm's ResNet)
+    ("vit_tiny_patch4", "patch_sise", "patch_size"),
+    ("resnet18", "chanels", "channels"),  # a plain timm name
+])
+def test_backbone_kwarg_typo_names_the_key_and_the_closest_keyword(name, typo, meant):
+    """Before: TypeError "ResNet.__init__() got an unexpected keyword argument 'stem_widht'"."""
+    import inspect
+
+    with pytest.raises(ValueError) as info:
+        create_backbone(name, **{typo: 8})
+    message = str(info.value)
+    assert f"backbone.kwargs.{typo}" in message and f"Did you mean backbone.kwargs.{meant}?" in message
+    assert "\n" not in message
+    # every keyword listed is one the model class really takes
+    listed = message.split("Valid: ")[1].rstrip(".").split(", ")
+    model_class = type(create_backbone(name))
+    taken = {p for klass in model_class.__mro__ if "__init__" in vars(klass)
+             for p in inspect.signature(klass.__init__).parameters}
+    assert meant in listed and set(listed) <= taken
+
+
+def test_backbone_kwarg_typo_through_the_cli_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT, tiny_config_dict
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path)))
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), "--config", str(path), "backbone.kwargs.stem_widht=8"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "backbone.kwargs.stem_width?" in proc.stderr, proc.stderr

@@ -133,3 +133,29 @@ def test_the_recipe_never_overrides_what_the_config_sets(tmp_path):
     again = tmp_path / "resolved.yaml"  # the run directory's config.yaml states the optimizer that ran
     save_config(cfg, again)
     assert load_config(again).optim == cfg.optim
+
+
+def test_yaml_syntax_error_is_one_config_error_naming_file_line_and_column(tmp_path):
+    """Before: yaml's ScannerError / ParserError escaped load_config (a 60-line traceback from pretrain.py)."""
+    path = tmp_path / "broken.yaml"
+    path.write_text("data:\n  dataset: synthetic\n  image_size: [32\ntrain:\n  epochs: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and "line 4, column 6" in message and "started at line 3" in message
+    assert "\n" not in message
+    path.write_text("data:\n  dataset: synthetic\n   image_size: 32\n")  # indentation
+    with pytest.raises(ConfigError, match=r"line 3, column 14"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"optim\.lr=\[1,"):
+        load_config(None, ["optim.lr=[1,"])
+
+
+@pytest.mark.parametrize("lr", ["-0.1", "0", ".nan"])
+def test_learning_rate_must_be_positive_named_by_its_key(tmp_path, lr):
+    """Before: timm's 'Invalid learning rate: -0.0125', the batch-scaled value with no key."""
+    with pytest.raises(ConfigError, match=r"optim\.lr must be > 0") as info:
+        load_config(write(tmp_path, {"optim": {"name": "sgd", "lr": 0.1}}), [f"optim.lr={lr}"])
+    assert "got" in str(info.value)
+    with pytest.raises(ConfigError, match=r"optim\.lr must be > 0"):  # also when the method's recipe fills optim
+        load_config(write(tmp_path, {"method": {"name": "simclr"}, "optim": {"lr": -1}}))

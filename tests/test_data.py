@@ -204,3 +204,66 @@ def test_subset_is_fixed_and_keeps_attributes():
     assert build_dataset("synthetic", num_samples=50, image_size=8, subset=12, seed=1).indices != sub.indices
     with pytest.raises(ValueError, match="subset"):
         build_dataset("synthetic", num_samples=50, subset=51)
+
+
+def test_16bit_png_is_scaled_to_8bit_not_clipped(tmp_path):
+    """A 16-bit gradient PNG read through the folder dataset and the eval transform: value / 257 per pixel
+    (before: PIL's convert clipped it, 99.6 % of the pixels came out white)."""
+    from selfsup.transforms import build_eval_transform
+
+    gradient = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(gradient).save(tmp_path / cls / "g.png")
+    assert Image.open(tmp_path / "a" / "g.png").mode.startswith("I")  # really stored and read as 16-bit
+    expected = np.floor(gradient.astype(np.float64) / 257 + 0.5).astype(np.uint8)  # round half up: k * 257 -> k
+
+    dataset = build_dataset("image_folder", root=tmp_path)
+    image, _ = dataset[0]
+    assert image.mode == "L"
+    np.testing.assert_array_equal(np.asarray(image), expected)
+    assert expected.max() == 255 and (expected == 255).mean() < 0.01  # a gradient, not a white sheet
+    # what the encoder sees: the eval transform at the image's own size, unnormalised
+    tensor = build_eval_transform(image_size=32, mean=(0.0,), std=(1.0,), in_chans=1)(image)
+    np.testing.assert_allclose(tensor[0].numpy() * 255, expected, atol=1e-3)
+
+
+def test_images_of_every_mode_become_8bit_with_the_expected_values(tmp_path):
+    from selfsup.data import load_image, to_8bit
+
+    # 32-bit int within 16 bits (older Pillow reads 16-bit PNGs as "I"), and beyond (own range)
+    ints = Image.fromarray(np.array([[0, 257, 65535]], dtype=np.int32))
+    assert ints.mode == "I" and np.asarray(to_8bit(ints)).tolist() == [[0, 1, 255]]
+    wide = Image.fromarray(np.array([[-100, 0, 300]], dtype=np.int32))
+    assert np.asarray(to_8bit(wide)).tolist() == [[0, 64, 255]]  # 100 / 400 x 255 = 63.75
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert floats.mode == "F" and np.asarray(to_8bit(floats)).tolist() == [[0, 128, 255]]
+    big_floats = Image.fromarray(np.array([[2.0, 3.0, 6.0]], dtype=np.float32))
+    assert np.asarray(to_8bit(big_floats)).tolist() == [[0, 64, 255]]
+
+    # through files: 1-bit, palette with a transparent index, grey + alpha, CMYK
+    bits = Image.fromarray(np.array([[True, False]]))
+    bits.save(tmp_path / "bits.png")
+    loaded = load_image(tmp_path / "bits.png")
+    assert loaded.mode == "L" and np.asarray(loaded).tolist() == [[255, 0]]
+
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "palette.png", transparency=0)
+    loaded = load_image(tmp_path / "palette.png")
+    assert loaded.mode == "RGBA" and np.asarray(loaded).tolist() == [[[10, 20, 30, 0], [200, 100, 50, 255]]]
+
+    grey_alpha = Image.fromarray(np.array([[[40, 0], [90, 255]]], dtype=np.uint8), mode="LA")
+    grey_alpha.save(tmp_path / "la.png")
+    loaded = load_image(tmp_path / "la.png")
+    assert loaded.mode == "LA" and np.asarray(loaded).tolist() == [[[40, 0], [90, 255]]]
+
+    cmyk = Image.new("CMYK", (3, 1))
+    for x, ink in enumerate([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255)]):  # white, cyan, black
+        cmyk.putpixel((x, 0), ink)
+    cmyk.save(tmp_path / "cmyk.tif")
+    loaded = load_image(tmp_path / "cmyk.tif")
+    assert loaded.mode == "RGB" and np.asarray(loaded).tolist() == [[[255, 255, 255], [0, 255, 255], [0, 0, 0]]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,8 +240,11 @@ def test_crafted_pickle_in_a_checkpoint_is_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (ckpt / "optimizer.bin").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(pickle.UnpicklingError):
+    from selfsup.checkpoints import CheckpointLoadError
+
+    with pytest.raises(CheckpointLoadError, match="UnpicklingError") as info:  # the only checkpoint: none loads
         pretrain.main(["--config", str(config), "train.max_steps=4"])
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
 
 
@@ -287,3 +291,43 @@ def test_a_process_holding_a_loader_with_live_workers_still_exits(tmp_path):
         out, _ = proc.communicate()
         pytest.fail(f"the process hung at exit with its DataLoader worker alive:\n{out}")
     assert proc.returncode == 0 and "iterated" in out, out
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    """A safetensors file cut short in the newest checkpoint: warn, resume from the one before, finish
+    (before: SafetensorError, the run could not go on without deleting the directory by hand)."""
+    from selfsup.checkpoints import CheckpointLoadError
+
+    cfg = tiny_config_dict(tmp_path, train={"max_steps": 6, "checkpoint_every_steps": 2, "keep_checkpoints": 3})
+    config = write_config(tmp_path, cfg)
+    pretrain.main(["--config", str(config)])
+    run_dir = tmp_path / "runs" / "tiny"
+    ckpts = run_dir / "checkpoints"
+    straight = {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+    straight_weights = final_weights(run_dir)
+    # as if killed after step 4's checkpoint, whose weights file was then cut short (disk full, copy stopped)
+    shutil.rmtree(ckpts / "step_00000006")
+    weights = ckpts / "step_00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000002", "step_00000004"]
+    capsys.readouterr()
+
+    summary = pretrain.main(["--config", str(config)])
+    assert summary["steps"] == 6
+    out = capsys.readouterr().out
+    assert f"checkpoint {ckpts / 'step_00000004'} cannot be loaded" in out
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in out
+    # it continued from step 2's state: steps 3-6 and the weights are the uninterrupted run's (bit-identical resume)
+    resumed = [r for r in read_metrics(run_dir) if "loss" in r][len(straight):]
+    assert [(r["step"], r["loss"]) for r in resumed] == [(s, straight[s]) for s in (3, 4, 5, 6)]
+    assert_same_weights(final_weights(run_dir), straight_weights)
+    load_file(str(weights))  # step 4 was written again, whole
+
+    # nothing loads: one message naming the directory and both fixes
+    for ckpt in list_checkpoints(ckpts):
+        (ckpt / "model.safetensors").write_bytes(b"\0" * 16)
+    with pytest.raises(CheckpointLoadError) as info:
+        pretrain.main(["--config", str(config), "train.max_steps=8"])
+    message = str(info.value)
+    assert str(ckpts) in message and "train.resume=never" in message and "delete" in message and "\n" not in message
+    assert pretrain.main(["--config", str(config), "train.max_steps=2", "train.resume=never"])["steps"] == 2
