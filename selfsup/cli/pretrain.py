@@ -112,6 +112,7 @@ def build_monitor(cfg, device, bf16: bool = False):
         max_train=cfg.eval.max_train_samples, max_test=cfg.eval.max_test_samples,
         download=cfg.data.download, seed=cfg.train.seed,
         num_samples=cfg.data.num_samples, num_classes=cfg.data.num_classes,
+        holdout_fraction=cfg.eval.holdout_fraction, holdout_seed=cfg.eval.holdout_seed,
     )
     if getattr(train_set.base, "num_classes", None) is None:
         print(f"[selfsup] {dataset} has no labels here: no kNN monitor (set eval.dataset to a labelled set)")
