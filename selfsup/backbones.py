@@ -26,6 +26,7 @@ __all__ = [
     "list_backbones",
     "is_patch_model",
     "SmallStemResNet",
+    "resnet10_small",
     "resnet18_small",
     "resnet50_small",
 ]
@@ -201,7 +202,7 @@ def _small_resnet_cfg() -> dict[str, Any]:
 
 # Read by timm's @register_model below (it looks up `default_cfgs` in the entrypoint's module).
 default_cfgs = generate_default_cfgs(
-    {"resnet18_small": _small_resnet_cfg(), "resnet50_small": _small_resnet_cfg()}
+    {"resnet10_small": _small_resnet_cfg(), "resnet18_small": _small_resnet_cfg(), "resnet50_small": _small_resnet_cfg()}
 )
 
 
@@ -214,6 +215,14 @@ def _create_small_resnet(variant: str, pretrained: bool, **kwargs: Any) -> Small
         raise ValueError(f"{variant} has no pretrained weights; use pretrained=False, or load an exported encoder "
                          "with timm.create_model('local-dir:RUN/encoder', pretrained=True)")
     return build_model_with_cfg(SmallStemResNet, variant, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def resnet10_small(pretrained: bool = False, **kwargs: Any) -> SmallStemResNet:
+    """timm entrypoint: ResNet-10 (one BasicBlock per stage) with the small stem: half ResNet-18's cost,
+    the quickstart's backbone at a quarter width (configs/quickstart.yaml says why)."""
+    model_args = dict(block=BasicBlock, layers=(1, 1, 1, 1))
+    return _create_small_resnet("resnet10_small", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
@@ -237,6 +246,11 @@ def _timm_backbone(timm_name: str, **timm_kwargs: Any) -> nn.Module:
     model.timm_name = timm_name
     model.timm_kwargs = timm_kwargs
     return model
+
+
+@register_backbone("resnet10_small")
+def _resnet10_small(**kwargs: Any) -> nn.Module:
+    return _timm_backbone("resnet10_small", **kwargs)
 
 
 @register_backbone("resnet18_small")
