@@ -107,7 +107,9 @@ class ViewDataset(Dataset):
         threads = torch.get_num_threads()
         single = threads > 1 and torch.utils.data.get_worker_info() is None
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix_seed(self.seed, epoch, index))
+            # the CPU generator only (what fork_rng restores and the transforms draw from): torch.manual_seed
+            # would also queue a lazy CUDA seeding that records a stack trace, ~1 ms per image without a GPU
+            torch.random.default_generator.manual_seed(_mix_seed(self.seed, epoch, index))
             if single:
                 torch.set_num_threads(1)
             try:
