@@ -92,19 +92,19 @@ def test_make_accelerator_applies_and_prints_the_rule(monkeypatch, capsys):
         out = capsys.readouterr().out
         assert accelerator.mixed_precision == "no"
         assert "precision=no (CPU without native bf16: AVX2)" in out
-        assert "threads=1 workers=1 (2 usable cores)" in out
-        assert torch.get_num_threads() == 1
+        assert "threads=2 workers=0 (2 usable cores" in out
+        assert torch.get_num_threads() == 2
         AcceleratorState._reset_state(True)
-        accelerator = make_accelerator(load_config(None, ["train.precision=bf16", "train.threads=2"]))
+        accelerator = make_accelerator(load_config(None, ["train.precision=bf16", "train.threads=1"]))
         out = capsys.readouterr().out
         assert accelerator.mixed_precision == "bf16"
         assert out.count("warning:") == 1 and "emulated" in out
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("cores", [1, 2, 16])
+@pytest.mark.parametrize("cores", [1, 2, 4, 16])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 @pytest.mark.parametrize("cpu_views", [True, False])
 def test_threads_and_workers_fit_the_usable_cores(monkeypatch, cores, device, cpu_views):
@@ -119,7 +119,7 @@ def test_threads_and_workers_fit_the_usable_cores(monkeypatch, cores, device, cp
         if device == "cpu" and not cpu_views:  # views on the device: every core trains
             assert (plan.threads, plan.workers) == (share, 0)
     expected = {  # (device, cpu_views, cores) -> (threads, workers) for one process
-        ("cpu", True, 1): (1, 0), ("cpu", True, 2): (1, 1), ("cpu", True, 16): (12, 4),
+        ("cpu", True, 1): (1, 0), ("cpu", True, 2): (2, 0), ("cpu", True, 4): (3, 1), ("cpu", True, 16): (12, 4),
         ("cuda", True, 1): (1, 0), ("cuda", True, 2): (1, 1), ("cuda", True, 16): (4, 8),
         ("cuda", False, 16): (4, 2),
     }
@@ -132,8 +132,8 @@ def test_set_values_win(monkeypatch):
     monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     plan = hardware.choose_parallelism(3, 5, device_type="cpu")
     assert (plan.threads, plan.workers) == (3, 5) and "set in the config" in plan.reason
-    plan = hardware.choose_parallelism(None, 0, device_type="cpu")
-    assert (plan.threads, plan.workers) == (1, 0)  # the auto threads keep the worker share of 2 cores
+    plan = hardware.choose_parallelism(None, 1, device_type="cpu")
+    assert (plan.threads, plan.workers) == (2, 1)  # a set worker count does not move the auto threads
     with pytest.raises(ValueError, match="train.threads"):
         hardware.choose_parallelism(0, None, device_type="cpu")
 
@@ -152,3 +152,18 @@ def test_no_shipped_config_forces_an_emulated_precision(monkeypatch, path):
     choice = hardware.choose_precision(cfg.train.precision, "cpu")
     assert choice.warning is None, f"{path.name}: train.precision={cfg.train.precision}; use auto"
     assert cfg.train.precision == "auto"
+
+
+@pytest.mark.parametrize("preset,expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_commands_let_openmp_threads_sleep_unless_the_user_chose(preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import os, selfsup.cli.knn, sys; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == [expected, "False"]  # set before torch (and so libgomp) is loaded
