@@ -1,7 +1,7 @@
 """What this machine can do fast, asked once at start: the precision and the CPU threads/workers.
 
 Nothing here assumes the hardware. bf16 autocast on a CPU without native bf16 units (AVX2-only laptops
-and many cloud VMs) is emulated by oneDNN: a timm ResNet-18 step is ~35x slower than in fp32 there
+and many cloud VMs) is emulated by oneDNN: a timm ResNet-18 step is 18-38x slower than in fp32 there
 (docs/performance.md). So `auto` picks bf16 only where the CPU has AVX-512-BF16 or AMX, fp16 with loss
 scaling on GPUs without bf16, and fp32 otherwise; an explicit choice that would be emulated is kept
 but warned about. Threads and DataLoader workers are sized from the cores this process may use
@@ -21,7 +21,7 @@ __all__ = ["PrecisionChoice", "Parallelism", "choose_precision", "choose_paralle
            "local_processes", "training_device_type"]
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-EMULATED_SLOWDOWN = "~20-40x slower than fp32"  # measured: 35x (ResNet-18 step, AVX2), docs/performance.md
+EMULATED_SLOWDOWN = "18-38x slower than fp32"  # measured: ResNet-18 steps on AVX2-only CPUs, docs/performance.md
 
 
 @dataclass(frozen=True)
