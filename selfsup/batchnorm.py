@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["SplitBatchNorm", "convert_split_batchnorm", "shuffle_rows", "unshuffle_rows"]
+__all__ = ["SplitBatchNorm", "convert_split_batchnorm", "GlobalBatchNorm", "convert_global_batchnorm",
+           "shuffle_rows", "unshuffle_rows"]
 
 
 class SplitBatchNorm(_BatchNorm):
@@ -73,6 +74,70 @@ class SplitBatchNorm(_BatchNorm):
                 self.running_var.copy_(var.view(s, c).mean(dim=0))
         # back to the input's order: [N/S, S*C, *] -> [N/S, S, C, *] -> [S, N/S, C, *] -> [N, C, *]
         return out.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+
+
+class GlobalBatchNorm(_BatchNorm):
+    """BatchNorm over the global batch of every process, with gradients through the shared statistics.
+
+    SimCLR's global BN (Sec. 2.2) on any backend: torch's SyncBatchNorm has no CPU kernel, so CPU process
+    groups (gloo) would otherwise keep per-process BN. Train mode: each process's count, mean and sum of
+    squared deviations per channel are gathered with `gather_with_grad` and combined exactly (Chan et al.'s
+    parallel variance), so W processes x B images give the outputs, running statistics and (after DDP's
+    average) gradients of one process with W*B. At world size 1 and in eval mode it is plain BN.
+    """
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected an [N, C, *] input, got shape {tuple(x.shape)}")
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, C, *]
+        from selfsup.distributed import gather_with_grad, world_size
+
+        self._check_input_dim(x)
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        c = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        count = x.new_full((1, 1), x.numel() // c)  # [1, 1] values per channel here
+        mean = x.mean(dim=dims)  # [C]
+        m2 = ((x - mean.view(1, c, *[1] * (x.dim() - 2))) ** 2).sum(dim=dims)  # [C]
+        stats = gather_with_grad(torch.cat([count, mean[None], m2[None]], dim=1))  # [1, 1+2C] -> [W, 1+2C]
+        counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + c], stats[:, 1 + c :]  # [W, 1], [W, C], [W, C]
+        total = counts.sum()
+        global_mean = (counts * means).sum(0) / total  # [C]
+        global_m2 = (m2s + counts * (means - global_mean) ** 2).sum(0)  # [C]
+        var = global_m2 / total  # biased, what the batch is normalised with
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():  # running variance is unbiased, as nn.BatchNorm
+                self.running_mean.lerp_(global_mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = (global_m2 / (total - 1).clamp(min=1)).detach().to(self.running_var.dtype)
+                self.running_var.lerp_(unbiased, factor)
+        shape = (1, c, *[1] * (x.dim() - 2))
+        out = (x - global_mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def convert_global_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm under `module` by a GlobalBatchNorm sharing its parameters and buffers
+    (state-dict keys unchanged); returns the module, like `nn.SyncBatchNorm.convert_sync_batchnorm`."""
+    if isinstance(module, _BatchNorm) and not isinstance(module, (GlobalBatchNorm, SplitBatchNorm)):
+        bn = GlobalBatchNorm(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
+                             track_running_stats=module.track_running_stats)
+        bn.train(module.training)
+        if module.affine:
+            bn.weight, bn.bias = module.weight, module.bias
+        bn.running_mean, bn.running_var = module.running_mean, module.running_var
+        bn.num_batches_tracked = module.num_batches_tracked
+        return bn
+    for name, child in module.named_children():
+        converted = convert_global_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
 
 
 def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:

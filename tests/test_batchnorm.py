@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,3 +94,22 @@ def test_shuffle_rows_is_a_permutation_and_unshuffle_undoes_it() -> None:
     assert sorted(permutation.tolist()) == list(range(16)) and not torch.equal(permutation, torch.arange(16))
     assert torch.equal(shuffled, x[permutation])
     assert torch.equal(unshuffle_rows(shuffled * 2 + 1, permutation), x * 2 + 1)  # f(x) back in input order
+
+
+def test_global_batchnorm_alone_is_plain_batchnorm_and_keeps_its_keys():
+    """Without a process group the global BN is nn.BatchNorm (train: outputs, grads, running stats; eval)."""
+    from selfsup.batchnorm import GlobalBatchNorm, convert_global_batchnorm
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None)).double()
+    converted = convert_global_batchnorm(copy.deepcopy(plain))
+    assert isinstance(converted[1], GlobalBatchNorm) and converted.state_dict().keys() == plain.state_dict().keys()
+    for _ in range(2):
+        x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+        out, ref = converted(x), plain(x)
+        torch.testing.assert_close(out, ref)
+        out.square().sum().backward(), ref.square().sum().backward()
+    torch.testing.assert_close(converted[0].weight.grad, plain[0].weight.grad)
+    torch.testing.assert_close(converted[1].running_var, plain[1].running_var)
+    converted.eval(), plain.eval()
+    torch.testing.assert_close(converted(x), plain(x))

@@ -43,6 +43,7 @@ def test_two_processes_match_single_process(tmp_path: Path) -> None:
             "gather_grad_closed_form",
             "gather_no_grad",
             "ddp_end_to_end",
+            "simclr_global_bn",
         }
         failed = {name: msg for name, msg in record["checks"].items() if msg != "ok"}
         assert not failed, f"rank {r} failed: " + "\n".join(f"{k}:\n{v}" for k, v in failed.items())

@@ -6,9 +6,10 @@ other 2N - 2 views are negatives. Across processes the views of every process ar
 (gathered with gradients, so N processes x B equals one process x N*B).
 
 Global BN (Sec. 2.2): BN mean and variance come from all devices, or a view and its positive, normalised
-with the same few samples' statistics, leak a shortcut. `sync_bn` unset turns every BN into SyncBatchNorm
-when several processes train on accelerators (torch's SyncBatchNorm has no CPU kernel, so CPU processes,
-backend gloo, keep per-process BN); on one process BN already sees the whole batch and nothing is needed.
+with the same few samples' statistics, leak a shortcut. `sync_bn` unset turns every BN global as soon as
+several processes train: torch's SyncBatchNorm on accelerators, and on CPU process groups (gloo, where
+SyncBatchNorm has no kernel) `selfsup.batchnorm.GlobalBatchNorm`, which shares the statistics through a
+gather with gradients; on one process BN already sees the whole batch and nothing is needed.
 
 One backbone pass over all views: `forward` concatenates the V views ([V*N, C, H, W]) before f and g, so
 every BN (backbone and projector) normalises with statistics of all 2N views of the batch, as the paper's
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from selfsup import distributed
+from selfsup.batchnorm import convert_global_batchnorm
 from selfsup.heads import mlp
 from selfsup.losses import nt_xent
 from selfsup.methods.base import Method, StepOutput
@@ -48,7 +50,7 @@ class SimCLRConfig:
     proj_out_dim: int = 128
     proj_layers: int = 2
     proj_batch_norm: bool = True  # BN in the projection MLP (SimCLR v2 / solo-learn); False: paper v1
-    sync_bn: bool | None = None  # SyncBatchNorm everywhere (global BN); None: on with > 1 process on GPUs (not gloo)
+    sync_bn: bool | None = None  # global BN (SyncBatchNorm; GlobalBatchNorm on CPU processes); None: on with > 1 process
 
 
 class SimCLR(Method):
@@ -71,8 +73,11 @@ class SimCLR(Method):
             batch_norm=cfg.proj_batch_norm,
         )
         backend = dist.get_backend() if distributed.is_distributed() else None
-        if use_sync_bn(cfg.sync_bn, distributed.world_size(), backend):
-            nn.SyncBatchNorm.convert_sync_batchnorm(self)  # swaps BN children in place; self is no BN
+        if use_sync_bn(cfg.sync_bn, distributed.world_size()):
+            if backend in (None, "gloo"):  # CPU processes: SyncBatchNorm has no CPU kernel
+                convert_global_batchnorm(self)
+            else:
+                nn.SyncBatchNorm.convert_sync_batchnorm(self)  # swaps BN children in place; self is no BN
 
     def forward(self, batch) -> StepOutput:
         views, _ = batch
@@ -95,9 +100,8 @@ class SimCLR(Method):
         return StepOutput(loss, {})
 
 
-def use_sync_bn(sync_bn: bool | None, world_size: int, backend: str | None) -> bool:
-    """The config's choice, or by default global BN when several processes train on accelerators
-    (nccl and the like; gloo means CPU processes, where SyncBatchNorm cannot run)."""
+def use_sync_bn(sync_bn: bool | None, world_size: int) -> bool:
+    """The config's choice, or by default global BN whenever several processes train (Sec. 2.2)."""
     if sync_bn is not None:
         return sync_bn
-    return world_size > 1 and backend not in (None, "gloo")
+    return world_size > 1

@@ -113,6 +113,40 @@ def check_ddp_end_to_end(w: int, r: int, accelerator: Accelerator) -> None:
     assert_close(unwrapped.bias.grad, reference.bias.grad)
 
 
+def check_simclr_global_bn(w: int, r: int, accelerator: Accelerator) -> None:
+    """SimCLR with BN in train mode (backbone and projector): 2 processes x B, DDP, equal 1 process x 2B in
+    loss, parameter gradients and BN running statistics (SimCLR Sec. 2.2 global BN, on gloo)."""
+    from selfsup.batchnorm import GlobalBatchNorm
+    from selfsup.methods.simclr import SimCLR, SimCLRConfig
+
+    torch.manual_seed(8)
+    backbone = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    backbone.embed_dim = 6
+    reference = SimCLR(copy.deepcopy(backbone), SimCLRConfig(sync_bn=False, proj_hidden_dim=8, proj_out_dim=4,
+                                                              temperature=0.5)).double()
+    method = SimCLR(backbone, SimCLRConfig(proj_hidden_dim=8, proj_out_dim=4, temperature=0.5)).double()  # sync unset
+    norms = [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 2 and all(isinstance(m, GlobalBatchNorm) for m in norms), norms
+    reference.load_state_dict(method.state_dict())
+    model = accelerator.prepare(method)
+
+    v1g, v2g = global_batch(20, w * B, 3, 6, 6), global_batch(21, w * B, 3, 6, 6)  # [W*B, 3, 6, 6]
+    rows = slice(r * B, (r + 1) * B)
+    loss = model(([v1g[rows], v2g[rows]], None)).loss
+    accelerator.backward(loss)
+
+    # one process, the whole batch: one pass over both views, NT-Xent without any gather
+    z = reference.projector(reference.encoder(torch.cat([v1g, v2g]))).view(2, w * B, -1)  # [2, W*B, D]
+    ref_loss = nt_xent(z[0], z[1], 0.5)
+    ref_loss.backward()
+    assert_close(all_reduce_mean(loss.detach()), ref_loss.detach())
+    unwrapped = accelerator.unwrap_model(model)
+    for (name, p), (_, q) in zip(unwrapped.named_parameters(), reference.named_parameters()):
+        assert_close(p.grad, q.grad, msg=lambda m: f"{name}: {m}")
+    for (name, a), (_, b) in zip(unwrapped.named_buffers(), reference.named_buffers()):
+        assert_close(a.to(b.dtype), b, msg=lambda m: f"{name}: {m}")
+
+
 def main(out_dir: Path) -> None:
     accelerator, w, r = start(nprocs=2)
     finish(accelerator, out_dir, {
@@ -121,6 +155,7 @@ def main(out_dir: Path) -> None:
         "gather_grad_closed_form": lambda: check_gather_grad_closed_form(w, r),
         "gather_no_grad": lambda: check_gather_no_grad(w, r),
         "ddp_end_to_end": lambda: check_ddp_end_to_end(w, r, accelerator),
+        "simclr_global_bn": lambda: check_simclr_global_bn(w, r, accelerator),
     })
 
 
