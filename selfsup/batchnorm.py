@@ -16,6 +16,8 @@ partitions of a randomly ordered batch, so they are the same in distribution.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -124,20 +126,8 @@ class GlobalBatchNorm(_BatchNorm):
 def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     """Replace every BatchNorm under `module` by a GlobalBatchNorm sharing its parameters and buffers
     (state-dict keys unchanged); returns the module, like `nn.SyncBatchNorm.convert_sync_batchnorm`."""
-    if isinstance(module, _BatchNorm) and not isinstance(module, (GlobalBatchNorm, SplitBatchNorm)):
-        bn = GlobalBatchNorm(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
-                             track_running_stats=module.track_running_stats)
-        bn.train(module.training)
-        if module.affine:
-            bn.weight, bn.bias = module.weight, module.bias
-        bn.running_mean, bn.running_var = module.running_mean, module.running_var
-        bn.num_batches_tracked = module.num_batches_tracked
-        return bn
-    for name, child in module.named_children():
-        converted = convert_global_batchnorm(child)
-        if converted is not child:
-            setattr(module, name, converted)
-    return module
+    return _convert(module, lambda bn: GlobalBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum,
+                                                       affine=bn.affine, track_running_stats=bn.track_running_stats))
 
 
 def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
@@ -146,17 +136,22 @@ def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
     Returns the module (converted in place, or the new layer if `module` itself is a BN), like
     `nn.SyncBatchNorm.convert_sync_batchnorm`. State-dict keys are unchanged.
     """
-    if isinstance(module, _BatchNorm) and not isinstance(module, (SplitBatchNorm, nn.SyncBatchNorm)):
-        split = SplitBatchNorm(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
-                               affine=module.affine, track_running_stats=module.track_running_stats)
-        split.train(module.training)
+    return _convert(module, lambda bn: SplitBatchNorm(bn.num_features, num_splits, eps=bn.eps, momentum=bn.momentum,
+                                                      affine=bn.affine, track_running_stats=bn.track_running_stats))
+
+
+def _convert(module: nn.Module, make: Callable[[_BatchNorm], _BatchNorm]) -> nn.Module:
+    """Swap each plain BN under `module` for `make(bn)`, handing over its parameters and buffers."""
+    if isinstance(module, _BatchNorm) and not isinstance(module, (SplitBatchNorm, GlobalBatchNorm, nn.SyncBatchNorm)):
+        new = make(module)
+        new.train(module.training)
         if module.affine:
-            split.weight, split.bias = module.weight, module.bias
-        split.running_mean, split.running_var = module.running_mean, module.running_var
-        split.num_batches_tracked = module.num_batches_tracked
-        return split
+            new.weight, new.bias = module.weight, module.bias
+        new.running_mean, new.running_var = module.running_mean, module.running_var
+        new.num_batches_tracked = module.num_batches_tracked
+        return new
     for name, child in module.named_children():
-        converted = convert_split_batchnorm(child, num_splits)
+        converted = _convert(child, make)
         if converted is not child:
             setattr(module, name, converted)
     return module
