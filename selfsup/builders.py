@@ -11,7 +11,8 @@ from torch.utils.data import Dataset
 from selfsup.backbones import create_backbone
 from selfsup.batched_views import BatchedViews, UInt8Images, build_batched_views
 from selfsup.config import Config, ConfigError, EvalConfig
-from selfsup.data import DatasetInfo, build_dataset, build_train_test, dataset_info
+from selfsup.data import DatasetInfo, build_dataset, dataset_info
+from selfsup.splits import build_train_test
 from selfsup.methods import Method, build_method
 from selfsup.sampling import ViewDataset
 from selfsup.transforms import build_eval_transform, build_views

@@ -1,19 +1,17 @@
 """Datasets that yield raw `(PIL.Image, label)` pairs; the views made from them are in sampling.py.
 
 torchvision provides CIFAR-10/100 and STL-10. Written by hand because torchvision lacks them:
-an image-folder reader that also accepts unlabeled folders, a small IDX reader for the Fashion-MNIST
-files that Debian ships (dataset-fashion-mnist), and a synthetic dataset for tests.
+an image-folder reader that also accepts unlabeled folders, the Fashion-MNIST files that Debian ships
+(dataset-fashion-mnist), and a synthetic dataset for tests. Decoding files is in images.py; evaluation's
+train/test pairs in splits.py.
 """
 
 from __future__ import annotations
 
 import colorsys
 import difflib
-import gzip
-import math
 import operator
 import os
-import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from selfsup.config import ConfigError
+from selfsup.images import BrokenImageError, load_image, read_idx, to_8bit  # noqa: F401  (re-exported)
 
 __all__ = [
     "DATASETS",
@@ -33,8 +32,6 @@ __all__ = [
     "DatasetInfo",
     "dataset_info",
     "build_dataset",
-    "build_train_test",
-    "holdout_split",
     "load_image",
     "to_8bit",
     "read_idx",
@@ -150,187 +147,8 @@ def _subset(dataset: Dataset, indices: list[int]) -> Subset:
 
 
 # ---------------------------------------------------------------------------------------------
-# Train/test pairs for evaluation (kNN monitor, linear probe, kNN and fine-tuning tools)
-# ---------------------------------------------------------------------------------------------
-
-_ANNOUNCED_HOLDOUTS: set[tuple[str, float, int]] = set()
-
-
-def build_train_test(
-    name: str,
-    *,
-    train_split: str = "train",
-    test_split: str = "test",
-    max_train: int | None = None,
-    max_test: int | None = None,
-    max_train_key: str = "data.subset",
-    max_test_key: str = "eval.max_test_samples",
-    holdout_fraction: float = 0.2,
-    holdout_seed: int = 0,
-    root: str | os.PathLike | None = None,
-    download: bool = False,
-    seed: int = 0,
-    image_size: int = 32,
-    num_samples: int = 512,
-    num_classes: int = 10,
-) -> tuple[Dataset, Dataset]:
-    """Raw train and test sets that never share an image.
-
-    An image_folder without a test split of its own (no split folders at all, or train/ alone, or the
-    test split named the same as the train split) gets a fixed, stratified held-out part of the training
-    folder (`holdout_split`) as its test set. The caps
-    `max_train` / `max_test` then draw fixed subsets of each part (a part within its cap is used whole);
-    their config keys are named in errors.
-    """
-    common = dict(root=root, download=download, seed=seed, image_size=image_size,
-                  num_samples=num_samples, num_classes=num_classes)
-    folder = _image_folder_dir(root, train_split) if name == "image_folder" else None
-    if folder is not None and folder.resolve() == _test_folder(Path(root).expanduser(), train_split, test_split):
-        dataset = ImageFolderDataset(folder)
-        if dataset.classes is None:
-            train = test = dataset  # unlabelled: every caller refuses it before scoring anything
-        else:
-            train, test = holdout_split(dataset, holdout_fraction, holdout_seed)
-            announced = (str(folder.resolve()), holdout_fraction, holdout_seed)
-            if announced not in _ANNOUNCED_HOLDOUTS:
-                _ANNOUNCED_HOLDOUTS.add(announced)
-                where = f"has no {test_split}/ split" if not (Path(root).expanduser() / test_split).is_dir() \
-                    else f"split {train_split!r} is also the test split ({test_split!r})"
-                print(f"[selfsup] image_folder {where}: holding out {100 * holdout_fraction:g} % ({len(test)} images, "
-                      f"stratified, seed {holdout_seed}) for evaluation (eval.holdout_fraction, eval.holdout_seed)",
-                      flush=True)
-    else:
-        train = build_dataset(name, split=train_split, **common)
-        test = build_dataset(name, split=test_split, **common)
-    # caps, not sizes: a set smaller than its cap is used whole (a 10000-image default must not fail on 500)
-    if max_train is not None and not (max_train >= len(train) > 0):
-        train = _fixed_subset(train, max_train, seed, max_train_key)
-    if max_test is not None and not (max_test >= len(test) > 0):
-        test = _fixed_subset(test, max_test, seed, max_test_key)
-    if getattr(train, "num_classes", None):
-        _check_disjoint(train, test)
-    return train, test
-
-
-def _test_folder(root: Path, train_split: str, test_split: str) -> Path:
-    """The resolved folder of the test split; the training folder's when there is none (the root without
-    split folders, or train/ alone), which `build_train_test` then splits."""
-    if not (root / test_split).is_dir() and (root / train_split).is_dir():
-        others = [s for s in ("train", "val", "test") if s != train_split and (root / s).is_dir()]
-        if not others:
-            return (root / train_split).resolve()
-    return _image_folder_dir(root, test_split).resolve()
-
-
-def holdout_split(
-    dataset: "ImageFolderDataset", fraction: float, seed: int = 0, key: str = "eval.holdout_fraction"
-) -> tuple[Subset, Subset]:
-    """(train, held-out) parts of a labelled folder: per class, round(fraction x n) images (at least 1,
-    at most n - 1) picked by a permutation seeded by (seed, class index) alone, the rest for training."""
-    if not 0.0 < fraction < 1.0:
-        raise ConfigError(f"{key} must be in (0, 1) (e.g. 0.2), got {fraction}")
-    labels = np.array([label for _, label in dataset.samples])
-    train_indices: list[int] = []
-    test_indices: list[int] = []
-    for label, class_name in enumerate(dataset.classes):
-        members = np.flatnonzero(labels == label)  # sorted dataset indices of this class
-        if len(members) < 2:
-            raise ConfigError(
-                f"{dataset.root} has no test split and class {class_name!r} holds {len(members)} image: {key} "
-                "holds out at least one image of every class and trains on the rest, so each class needs 2 or more; "
-                "add images, or give the folder train/ and test/ sub-folders"
-            )
-        held = min(len(members) - 1, max(1, math.floor(fraction * len(members) + 0.5)))
-        order = np.random.default_rng(_mix_seed(seed, label)).permutation(len(members))
-        test_indices.extend(members[order[:held]].tolist())
-        train_indices.extend(members[order[held:]].tolist())
-    return _subset(dataset, sorted(train_indices)), _subset(dataset, sorted(test_indices))
-
-
-def _sample_paths(dataset: Dataset) -> list[str] | None:
-    """The file of every item (through Subsets), or None for datasets not read from files."""
-    if isinstance(dataset, Subset):
-        paths = _sample_paths(dataset.dataset)
-        return None if paths is None else [paths[i] for i in dataset.indices]
-    if isinstance(dataset, ImageFolderDataset):
-        return [path for path, _ in dataset.samples]
-    return None
-
-
-def _check_disjoint(train: Dataset, test: Dataset) -> None:
-    train_paths, test_paths = _sample_paths(train), _sample_paths(test)
-    if train_paths is None or test_paths is None:
-        return
-    shared = set(train_paths).intersection(test_paths)
-    if shared:
-        raise RuntimeError(
-            f"the train and test sets share {len(shared)} image files (e.g. {min(shared)}): evaluation would score "
-            "images it trained on; give eval.test_split a folder of its own"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
 # Image folder
 # ---------------------------------------------------------------------------------------------
-
-
-class BrokenImageError(OSError):
-    """An image file that cannot be decoded (truncated, corrupt, not an image)."""
-
-    def __init__(self, path: str | os.PathLike, cause: BaseException) -> None:
-        super().__init__(f"cannot read image {path}: {cause}")
-        self.path = str(path)
-
-
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode one image file to 8 bits per channel (`to_8bit`); any decoding failure becomes BrokenImageError."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode now: truncated files fail here, not later inside a transform
-            return to_8bit(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BrokenImageError(path, e) from e
-
-
-_8BIT_MODES = ("L", "LA", "RGB", "RGBA")
-
-
-def to_8bit(image: Image.Image) -> Image.Image:
-    """The image in L, LA, RGB or RGBA, wider values scaled, not clipped (PIL's convert clips a 16-bit
-    image to 255: a gradient came out 99.6 % white). Alpha is kept; the transforms drop it.
-
-    16-bit (I;16*, and I within [0, 65535], as older Pillow reads 16-bit PNGs): value / 257, rounded.
-    F within [0, 1]: x 255. Other I / F ranges (32-bit ints, arbitrary floats): the image's own min..max.
-    1 -> L; P -> RGB, or RGBA when it has a transparent colour; CMYK, YCbCr, ... -> RGB(A).
-    """
-    mode = image.mode
-    if mode in _8BIT_MODES:
-        return image
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(image), mode), mode="L")
-    if mode == "1":
-        return image.convert("L")
-    if mode == "La":  # premultiplied alpha
-        return image.convert("LA")
-    if mode == "P":
-        return image.convert("RGBA" if "transparency" in image.info else "RGB")
-    has_alpha = any(band in ("A", "a") for band in image.getbands())
-    return image.convert("RGBA" if has_alpha else "RGB")
-
-
-def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
-    """[H, W] uint8 from a single-band 16/32-bit int or float image (see to_8bit)."""
-    values = np.nan_to_num(values.astype(np.float64))
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
-        scaled = values / 257.0  # 65535 -> 255, 257 k -> k
-    elif mode == "F" and low >= 0 and high <= 1:
-        scaled = values * 255.0
-    elif high > low:
-        scaled = (values - low) * (255.0 / (high - low))
-    else:
-        scaled = np.zeros_like(values)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _is_image(name: str) -> bool:
@@ -423,36 +241,6 @@ def _image_folder_dir(root: str | os.PathLike | None, split: str) -> Path:
 
 # IDX format (LeCun et al., MNIST page): 2 zero bytes, a dtype code, the number of dimensions,
 # then one big-endian uint32 per dimension, then the data in C order.
-_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parse an IDX file (optionally .gz) into an array; raises ValueError naming the file if corrupt."""
-    path = Path(path)
-    fix = "delete it and fetch it again (apt-get install --reinstall dataset-fashion-mnist, or data.download=true)"
-    try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as f:
-            data = f.read()
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
-        raise ValueError(f"{path} is not a readable gzip file ({err}); {fix}") from err
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {data[:4].hex()}); {fix}")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(data) < header:
-        raise ValueError(f"{path} has a corrupt IDX header; {fix}")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) - header != expected:
-        raise ValueError(
-            f"{path} holds {len(data) - header} data bytes but its header {shape} needs {expected}; {fix}"
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
-    return array if dtype.itemsize == 1 else array.astype(dtype.newbyteorder("="))
-
-
 class ArrayImageDataset(Dataset):
     """Grayscale images held as one uint8 array [N, H, W] in memory; items are PIL "L" images."""
 

@@ -26,7 +26,8 @@ from selfsup.backbones import create_backbone
 from selfsup.cli.common import COMMON_FLAGS, build_parser, dest, exit_on_user_error  # noqa: F401 (re-exported)
 from selfsup.checkpoints import list_checkpoints
 from selfsup.config import Config, ConfigError, load_config, save_config, to_dict
-from selfsup.data import build_train_test, dataset_info
+from selfsup.data import dataset_info
+from selfsup.splits import build_train_test
 from selfsup.evaluation import PixelEncoder
 from selfsup.export import load_encoder
 from selfsup.sampling import ViewDataset

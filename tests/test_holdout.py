@@ -15,8 +15,9 @@ from torch.utils.data import Subset
 
 from selfsup.builders import build_labelled_pair
 from selfsup.config import ConfigError, load_config
-from selfsup import data
-from selfsup.data import ImageFolderDataset, build_train_test
+from selfsup import splits
+from selfsup.data import ImageFolderDataset
+from selfsup.splits import build_train_test
 from selfsup.evaluation import KNNMonitor
 from selfsup.transfer import ToolRun, labelled_sets
 from tests.conftest import ROOT
@@ -72,7 +73,7 @@ def test_knn_tool_on_noise_is_at_chance_not_memorised(noise_folder, tmp_path, ca
 
 
 def test_holdout_is_stratified_disjoint_and_fixed_by_its_seed(noise_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(data, "_ANNOUNCED_HOLDOUTS", set())  # earlier tests announced this folder already
+    monkeypatch.setattr(splits, "_ANNOUNCED_HOLDOUTS", set())  # earlier tests announced this folder already
     train, test, classes = labelled_sets(tool_run(noise_folder, tmp_path), augment=False)
     assert classes == CLASSES
     train_items, test_items = paths_and_labels(train), paths_and_labels(test)
