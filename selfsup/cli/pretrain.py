@@ -97,15 +97,15 @@ def run_pretraining(cfg) -> dict[str, Any]:
         )
         plot_metrics(run_dir / "metrics.jsonl", run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps(summary))
-        if (line := compare_line(summary)) is not None:
-            print(line)
         from selfsup.hardware import loader_workers
 
         write_run_info(run_dir, {"started": started, "wall_time_s": time.perf_counter() - clock, "fit_time_s": fit_time,
                                  "final_eval_time_s": final_time,
                                  "environment": environment(accelerator, workers=loader_workers(cfg.data))})
         print(f"[selfsup] report: {write_report(run_dir)[1]}")
+        print(json.dumps(summary))
+        if (line := compare_line(summary)) is not None:
+            print(line)
     accelerator.wait_for_everyone()  # all ranks leave together: gloo's teardown aborts otherwise, now and then
     accelerator.end_training()
     return summary
