@@ -91,6 +91,9 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip steps whose loss is NaN/Inf instead of stopping
 
 
+FINAL_EVALUATIONS = ("knn", "linear_probe")
+
+
 @dataclass
 class EvalConfig:
     every_epochs: int = 0  # kNN monitor period; 0: only at the end
@@ -110,10 +113,19 @@ class EvalConfig:
     # test set (stratified, fixed by holdout_seed, not train.seed), so evaluation never scores a training image.
     holdout_fraction: float = 0.2
     holdout_seed: int = 0
+    # What the end of the run (eval.at_end) reports on the final encoder, each beside the baselines above:
+    # knn (the monitor's figure) and linear_probe (a logistic regression on the same cached features,
+    # fit by L-BFGS: a few seconds at the quickstart's 5 000 images). Also written to report.md / report.html.
+    final: list[str] = field(default_factory=lambda: ["knn", "linear_probe"])
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout_fraction < 1.0:
             raise ConfigError(f"eval.holdout_fraction must be in (0, 1) (e.g. 0.2), got {self.holdout_fraction}.")
+        unknown = [name for name in self.final if name not in FINAL_EVALUATIONS]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], FINAL_EVALUATIONS, n=1, cutoff=0.4)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"eval.final {unknown[0]!r} is not one of {', '.join(FINAL_EVALUATIONS)}.{hint}")
 
 
 FINETUNE_MODES = ("frozen", "full", "discriminative", "layer_decay")

@@ -150,6 +150,8 @@ def test_mae_trains_writes_reconstructions_and_exports_timm_loadable_weights(tmp
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05, losses  # falling
     assert "knn_top1" in summary
     assert (run_dir / "reconstruction.png").is_file() and (run_dir / "reconstructions" / "000.png").is_file()
+    assert "](reconstruction.png)" in (run_dir / "report.md").read_text()  # the report shows the grid
+    assert (run_dir / "report.html").read_text().count('src="data:image/png;base64,') == 3  # loss/lr, kNN, grid
 
     state = load_file(str(run_dir / "encoder" / "model.safetensors"))
     plain = timm.create_model(f"local-dir:{run_dir / 'encoder'}", pretrained=True)  # timm's Hub format

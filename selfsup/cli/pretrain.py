@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 
@@ -47,7 +48,9 @@ def run_pretraining(cfg) -> dict[str, Any]:
     from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
     from selfsup.export import save_encoder
     from selfsup.plots import plot_metrics
+    from selfsup.report import environment, write_report, write_run_info
 
+    started, clock = time.strftime("%Y-%m-%d %H:%M:%S %z"), time.perf_counter()
     run_dir = run_dir_for(cfg)
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.train.seed)
@@ -67,18 +70,22 @@ def run_pretraining(cfg) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.print(f"[selfsup] run directory {run_dir}; world size {accelerator.num_processes}")
 
+    fit_start = time.perf_counter()
     try:
         result = fit(method, loader, cfg, accelerator, run_dir=run_dir, evaluate=evaluate,
                      batch_transform=batch_transform)
     except (TrainingInterrupted, NonFiniteLossError):
         accelerator.end_training()
         raise
+    fit_time = time.perf_counter() - fit_start
 
     summary = {"run_dir": str(run_dir), "steps": result.steps, "last_loss": result.last_loss}
     if result.eval_history:
         summary.update({k: v for k, v in result.eval_history[-1].items() if k.startswith("knn")})
+    final_start = time.perf_counter()
     if monitor is not None and accelerator.is_main_process:
         summary.update(baselines(cfg, monitor, accelerator.device))
+    final_time = time.perf_counter() - final_start
     if accelerator.is_main_process:
         save_encoder(
             method.encoder,  # prepare() wrapped this same module; its weights are the trained ones
@@ -90,6 +97,12 @@ def run_pretraining(cfg) -> dict[str, Any]:
         )
         plot_metrics(run_dir / "metrics.jsonl", run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from selfsup.hardware import loader_workers
+
+        write_run_info(run_dir, {"started": started, "wall_time_s": time.perf_counter() - clock, "fit_time_s": fit_time,
+                                 "final_eval_time_s": final_time,
+                                 "environment": environment(accelerator, workers=loader_workers(cfg.data))})
+        print(f"[selfsup] report: {write_report(run_dir)[1]}")
         print(json.dumps(summary))
         if (line := compare_line(summary)) is not None:
             print(line)
@@ -124,17 +137,29 @@ def build_monitor(cfg, device, bf16: bool = False):
 
 def baselines(cfg, monitor, device) -> dict:
     """What the encoder's kNN figure stands beside on the same protocol: the same backbone at random
-    init and raw pixels (eval.random_init_baseline / eval.pixel_baseline), and which is higher."""
+    init and raw pixels (eval.random_init_baseline / eval.pixel_baseline), and which is higher.
+    With `linear_probe` in eval.final (and eval.at_end), also a linear probe of the encoder and of each
+    baseline on the features the kNN just used (selfsup.evaluation.logistic_regression_probe)."""
     from accelerate.utils import set_seed
 
     from selfsup.builders import build_backbone
+    from selfsup.evaluation import logistic_regression_probe
 
-    out: dict = {}
+    probe = cfg.eval.at_end and "linear_probe" in cfg.eval.final
+
+    def probed(features) -> dict:
+        if not probe or features is None:
+            return {}
+        return {f"linear_probe_{k}": v for k, v in logistic_regression_probe(*features).items()}
+
+    out: dict = probed(monitor.last_features)  # the engine's end-of-run evaluation: the final encoder's features
     if cfg.eval.random_init_baseline:
         set_seed(cfg.train.seed)  # the very initialisation the run started from
-        out.update({f"random_init_{k}": v for k, v in monitor(build_backbone(cfg).to(device)).items()})
+        scores = {**monitor(build_backbone(cfg).to(device)), **probed(monitor.last_features)}
+        out.update({f"random_init_{k}": v for k, v in scores.items()})
     if cfg.eval.pixel_baseline:
-        out.update({f"pixels_{k}": v for k, v in monitor.pixels().items()})
+        scores = {**monitor.pixels(), **probed(monitor.pixel_features)}
+        out.update({f"pixels_{k}": v for k, v in scores.items()})
     return out
 
 
