@@ -331,3 +331,41 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     message = str(info.value)
     assert str(ckpts) in message and "train.resume=never" in message and "delete" in message and "\n" not in message
     assert pretrain.main(["--config", str(config), "train.max_steps=2", "train.resume=never"])["steps"] == 2
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_conflicting_rerun_leaves_the_finished_run_untouched_and_an_allowed_change_resumes(tmp_path):
+    from selfsup.config import ConfigError
+
+    cfg = tiny_config_dict(tmp_path, data={"batch_size": 8},
+                           train={"max_steps": 2, "checkpoint_every_steps": 2, "precision": "no"})
+    config = write_config(tmp_path, cfg)
+    pretrain.main(["--config", str(config)])
+    run_dir = tmp_path / "runs" / "tiny"
+    before_config = (run_dir / "config.yaml").read_bytes()
+    before_checkpoints = _files(run_dir / "checkpoints")
+    with pytest.raises(ConfigError) as caught:
+        pretrain.main(["--config", str(config), "method.name=moco", "optim.lr=0.1"])
+    message = str(caught.value)
+    assert "\n" not in message and str(run_dir) in message
+    assert "method.name 'simclr' -> 'moco'" in message and "optim.lr 0.3 -> 0.1" in message
+    assert "train.run_name=" in message and "train.resume=never" in message
+    assert (run_dir / "config.yaml").read_bytes() == before_config
+    assert _files(run_dir / "checkpoints") == before_checkpoints
+    # longer training, other logging and evaluation settings: the same run, resumed
+    summary = pretrain.main(["--config", str(config), "train.max_steps=4", "train.log_every_steps=2",
+                             "eval.knn_k=5", "data.num_workers=0"])
+    assert summary["steps"] == 4
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 4]  # steps 3-4 continue 1-2
+    assert "max_steps: 4" in (run_dir / "config.yaml").read_text()
+
+
+def test_config_changes_lists_every_differing_leaf():
+    from selfsup.builders import config_changes
+
+    old = {"a": {"b": 1, "c": [1, 2]}, "d": 3}
+    new = {"a": {"b": 1, "c": [1, 3], "e": 0}, "d": 3}
+    assert config_changes(old, new) == [("a.c", [1, 2], [1, 3]), ("a.e", "<unset>", 0)]

@@ -42,13 +42,14 @@ def run_pretraining(cfg) -> dict[str, Any]:
     """Train, evaluate and export one resolved config; the summary (also summary.json in the run directory)."""
     from accelerate.utils import set_seed
 
-    from selfsup.builders import build_batch_transform, build_pretraining, in_chans, run_dir_for
+    from selfsup.builders import build_batch_transform, build_pretraining, check_same_run, in_chans, run_dir_for
     from selfsup.config import save_config
     from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
     from selfsup.export import save_encoder
     from selfsup.plots import plot_metrics
 
     run_dir = run_dir_for(cfg)
+    check_same_run(cfg, run_dir)  # a rerun with other settings stops here, before config.yaml is rewritten
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.train.seed)
 
