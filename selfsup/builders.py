@@ -98,7 +98,19 @@ def build_backbone(cfg: Config) -> nn.Module:
 
 
 def check_input_size(backbone: nn.Module, image_size: int, channels: int) -> None:
-    """One forward on a blank image before any work, so a size the backbone can't take fails with the fix."""
+    """One forward on a blank image before any work, so a size the backbone can't take fails with the fix.
+
+    A token model's patch grid must cover the image exactly: timm's patch embedding (a strided conv)
+    would otherwise drop the border that is not a whole patch, without a word."""
+    patch = getattr(backbone, "patch_size", None)
+    if patch and image_size % patch:
+        built = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+        raise ConfigError(
+            f"data.image_size={image_size} is not a multiple of the patch size {patch} of backbone "
+            f"{getattr(backbone, 'backbone_name', type(backbone).__name__)!r} (built for "
+            f"backbone.kwargs.img_size={built[0] if built else '?'}): the patch grid would drop a {image_size % patch} px "
+            f"border; use data.image_size (and backbone.kwargs.img_size) {_sizes_near(image_size, patch)}."
+        )
     was_training = backbone.training
     backbone.eval()
     try:
@@ -125,6 +137,12 @@ def check_input_size(backbone: nn.Module, image_size: int, channels: int) -> Non
             f"Backbone {backbone.backbone_name!r} returned features of shape {tuple(out.shape)}, expected [N, "
             f"{backbone.embed_dim}]; pass timm kwargs that keep global pooling (do not set global_pool='')."
         )
+
+
+def _sizes_near(size: int, multiple: int) -> str:
+    """The multiples of `multiple` either side of `size`, e.g. '16 or 20'."""
+    below = size - size % multiple
+    return f"{below} or {below + multiple}" if below > 0 else str(multiple)
 
 
 def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:

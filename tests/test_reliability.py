@@ -369,3 +369,33 @@ def test_config_changes_lists_every_differing_leaf():
     old = {"a": {"b": 1, "c": [1, 2]}, "d": 3}
     new = {"a": {"b": 1, "c": [1, 3], "e": 0}, "d": 3}
     assert config_changes(old, new) == [("a.c", [1, 2], [1, 3]), ("a.e", "<unset>", 0)]
+
+
+VIT = {"name": "vit_tiny_patch4", "kwargs": {"depth": 1, "embed_dim": 48, "num_heads": 2}}
+
+
+@pytest.mark.parametrize("size", [16, 18, 20, 22])
+def test_an_image_size_the_patch_grid_cannot_cover_is_a_config_error(size):
+    from selfsup.builders import check_input_size
+    from selfsup.config import ConfigError
+
+    backbone = create_backbone(VIT["name"], **VIT["kwargs"], img_size=size)
+    with torch.no_grad():  # independent of the check: does timm's grid of 4 px patches cover every pixel?
+        tokens = backbone.patch_embed(torch.zeros(1, 3, size, size)).flatten(1, -2).shape[1]
+    covered = tokens * 4 * 4 == size * size
+    if covered:
+        check_input_size(backbone, size, 3)
+    else:
+        with pytest.raises(ConfigError, match=rf"data.image_size={size} is not a multiple of the patch size 4.*"
+                                              rf"backbone.kwargs.img_size={size}.*{size - size % 4} or {size - size % 4 + 4}"):
+            check_input_size(backbone, size, 3)
+
+
+def test_pretraining_at_a_size_the_patch_grid_cannot_cover_stops_before_anything(tmp_path):
+    from selfsup.config import ConfigError
+
+    cfg = tiny_config_dict(tmp_path, data={"image_size": 18},
+                           backbone={"name": VIT["name"], "kwargs": {**VIT["kwargs"], "img_size": 18}})
+    with pytest.raises(ConfigError, match=r"data.image_size=18 .*patch size 4.*use data.image_size .*16 or 20"):
+        pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    assert not (tmp_path / "runs" / "tiny").exists()
