@@ -57,9 +57,17 @@ def setup(
     encoder, meta = load_encoder(path) if path is not None else (None, {})
     recorded = {k: v for k, v in meta.get("data", {}).items() if k in ("dataset", "image_size") and v is not None}
     layered = {**defaults, "data": {**defaults.get("data", {}), **recorded}}
+    if encoder is not None:  # its architecture is what it is: recorded under the file, so a different one shows
+        layered["backbone"] = {"name": meta["backbone"]["name"], "kwargs": dict(meta["backbone"].get("kwargs", {}))}
     overrides = [f"{key}={json.dumps(value)}" for flag, key, _ in COMMON_FLAGS + flags
                  if (value := getattr(args, dest(flag))) is not None]
     cfg = load_config(args.config, overrides + list(args.overrides), defaults=layered)
+    if encoder is not None and (conflicts := _backbone_conflicts(layered["backbone"], cfg.backbone)):
+        raise ConfigError(
+            f"the encoder in {path} is a {layered['backbone']['name']!r}, but the config sets {'; '.join(conflicts)}; "
+            "a loaded encoder keeps its architecture: drop these backbone keys from --config / the overrides "
+            "(--image-size resizes a ViT, --drop-path adds stochastic depth)."
+        )
     if encoder is None and args.encoder == PIXELS:
         channels = int(cfg.backbone.kwargs.get("in_chans", 3))
         encoder = PixelEncoder(channels, cfg.data.image_size)
@@ -81,6 +89,18 @@ def setup(
         run_name = cfg.train.run_name or f"{tool}_{_encoder_tag(args.encoder, path)}_{cfg.data.dataset}{name_suffix(cfg)}"
         run_dir = Path(cfg.train.output_dir) / run_name
     return ToolRun(cfg, encoder, meta, in_chans, run_dir, str(path.resolve()) if path is not None else args.encoder)
+
+
+def _backbone_conflicts(recorded: dict[str, Any], configured) -> list[str]:
+    """`backbone.*` settings of the config that the encoder's own record contradicts."""
+    same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)  # noqa: E731
+    out = [] if configured.name == recorded["name"] else [f"backbone.name={configured.name!r}"]
+    kwargs = recorded.get("kwargs", {})
+    for key, value in configured.kwargs.items():
+        if key not in kwargs or not same(value, kwargs[key]):
+            was = f"{kwargs[key]!r}" if key in kwargs else "not set"
+            out.append(f"backbone.kwargs.{key}={value!r} (encoder: {was})")
+    return out
 
 
 def fit_input_size(encoder: nn.Module, size: int, trained: int | None) -> None:

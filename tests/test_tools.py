@@ -179,3 +179,21 @@ def test_tools_refuse_an_image_size_the_encoders_patch_grid_cannot_cover(folder,
         with pytest.raises(SystemExit, match=r"--image-size 18 .*patch size 4 \(trained at 16 px\).*--image-size 16 or 20"):
             load_tool(tool)(args)
     assert not (tmp_path / "runs").exists()
+
+
+def test_tools_refuse_backbone_settings_the_encoder_contradicts(folder, encoder_dir, tmp_path, capsys):
+    finetune = load_tool("finetune")
+    vit_settings = tmp_path / "vit.yaml"
+    vit_settings.write_text("backbone:\n  kwargs: {img_size: 32, stem_width: 16}\n")
+    args = ["--encoder", str(encoder_dir), "--print-config"] + common(folder, tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        finetune(args + ["--config", str(vit_settings)])
+    message = str(caught.value)
+    assert "\n" not in message and str(encoder_dir) in message and "'resnet18_small'" in message
+    assert "backbone.kwargs.img_size=32 (encoder: not set)" in message and "stem_width" not in message  # 16 is its own
+    with pytest.raises(SystemExit, match=r"backbone.name='vit_tiny_patch4'"):
+        finetune(args + ["backbone.name=vit_tiny_patch4"])
+    # restating the encoder's own architecture is fine, and the resolved config shows it
+    printed = finetune(args + [f"backbone.kwargs.stem_width={TINY_RESNET['kwargs']['stem_width']}"])
+    assert printed["backbone"] == {"name": TINY_RESNET["name"], "kwargs": TINY_RESNET["kwargs"]}
+    assert not (tmp_path / "runs").exists()
