@@ -48,6 +48,7 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signal_name: str, checkpoint: Path):
         super().__init__(f"{signal_name} received: saved {checkpoint}; the same command with train.resume=auto continues.")
         self.checkpoint = checkpoint
+        self.signal_name = signal_name
 
 
 @dataclass
