@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import Dataset
 
 from selfsup.backbones import create_backbone
 from selfsup.batched_views import BatchedViews, UInt8Images, build_batched_views
-from selfsup.config import Config, ConfigError, EvalConfig
+from selfsup.config import Config, ConfigError, EvalConfig, from_dict, to_dict
 from selfsup.data import DatasetInfo, build_dataset, dataset_info
 from selfsup.splits import build_train_test
 from selfsup.methods import Method, build_method
@@ -24,6 +27,67 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / name
 
 
+# What a resumed run (train.resume=auto) may change: how long it trains and how it logs, checkpoints,
+# evaluates and uses the machine. Everything else (data, views, backbone, method, optimizer, seed,
+# precision, accumulation, clipping) is part of what the checkpoints are a run of. The length keys
+# reshape the cosine schedule from the resume point on: that is what "train longer" means here.
+RESUMABLE_KEYS = (
+    "train.max_steps", "train.epochs",                                     # how long
+    "train.log_every_steps", "train.trackers",                             # logging
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.resume",  # checkpointing
+    "train.skip_nonfinite",                                                # resuming past a NaN is its use
+    "train.output_dir", "train.run_name",                                  # they found this very directory
+    "train.threads", "data.num_workers", "train.compile", "train.channels_last", "data.download",  # machine
+    "eval.*",                                                              # the kNN monitor
+    "probe.*", "finetune.*",                                               # not read by pretraining
+)
+
+
+def check_same_run(cfg: Config, run_dir: Path) -> None:
+    """With train.resume=auto and checkpoints in `run_dir`: refuse, before anything is written, a config that
+    differs from the run's own config.yaml in a key outside RESUMABLE_KEYS (the run would mix two set-ups)."""
+    from selfsup.checkpoints import list_checkpoints
+
+    saved = run_dir / "config.yaml"
+    if cfg.train.resume != "auto" or not saved.is_file() or not list_checkpoints(run_dir / "checkpoints"):
+        return
+    try:
+        old_raw = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{saved} is not readable YAML ({type(e).__name__}); restore it, or set "
+                          "train.resume=never to redo the run (overwrites it).") from None
+    try:
+        old = to_dict(from_dict(old_raw))  # the same normal form as the new config (defaults filled in)
+    except ConfigError:
+        old = old_raw  # written by another version: compare as written
+    changes = [(key, before, after) for key, before, after in config_changes(old, to_dict(cfg))
+               if not any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEYS)]
+    changes.sort(key=lambda change: _MISSING in change[1:])  # changed values first, then keys one side lacks
+    if changes:
+        listed = ", ".join(f"{key} {before!r} -> {after!r}" for key, before, after in changes[:6])
+        more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({listed}{more}); nothing was changed. Start a new run "
+            f"with train.run_name=<new name>, or redo this one with train.resume=never (overwrites it)."
+        )
+
+
+_MISSING = "<unset>"
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs, in key order."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, _MISSING), new.get(key, _MISSING)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_changes(a, b, f"{name}."))
+        elif a != b:
+            out.append((name, a, b))
+    return out
+
+
 def in_chans(cfg: Config) -> int:
     return int(cfg.backbone.kwargs.get("in_chans", 3))
 
@@ -35,7 +99,19 @@ def build_backbone(cfg: Config) -> nn.Module:
 
 
 def check_input_size(backbone: nn.Module, image_size: int, channels: int) -> None:
-    """One forward on a blank image before any work, so a size the backbone can't take fails with the fix."""
+    """One forward on a blank image before any work, so a size the backbone can't take fails with the fix.
+
+    A token model's patch grid must cover the image exactly: timm's patch embedding (a strided conv)
+    would otherwise drop the border that is not a whole patch, without a word."""
+    patch = getattr(backbone, "patch_size", None)
+    if patch and image_size % patch:
+        built = getattr(getattr(backbone, "patch_embed", None), "img_size", None)
+        raise ConfigError(
+            f"data.image_size={image_size} is not a multiple of the patch size {patch} of backbone "
+            f"{getattr(backbone, 'backbone_name', type(backbone).__name__)!r} (built for "
+            f"backbone.kwargs.img_size={built[0] if built else '?'}): the patch grid would drop a {image_size % patch} px "
+            f"border; use data.image_size (and backbone.kwargs.img_size) {_sizes_near(image_size, patch)}."
+        )
     was_training = backbone.training
     backbone.eval()
     try:
@@ -62,6 +138,12 @@ def check_input_size(backbone: nn.Module, image_size: int, channels: int) -> Non
             f"Backbone {backbone.backbone_name!r} returned features of shape {tuple(out.shape)}, expected [N, "
             f"{backbone.embed_dim}]; pass timm kwargs that keep global pooling (do not set global_pool='')."
         )
+
+
+def _sizes_near(size: int, multiple: int) -> str:
+    """The multiples of `multiple` either side of `size`, e.g. '16 or 20'."""
+    below = size - size % multiple
+    return f"{below} or {below + multiple}" if below > 0 else str(multiple)
 
 
 def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:

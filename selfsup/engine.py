@@ -31,7 +31,7 @@ from selfsup.checkpoints import (
     load_resume_checkpoint,
     save_checkpoint,
 )
-from selfsup.config import Config, DataConfig
+from selfsup.config import Config, ConfigError, DataConfig
 from selfsup.data import _mix_seed
 from selfsup.hardware import choose_precision, loader_workers, plan_parallelism
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
@@ -48,6 +48,7 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signal_name: str, checkpoint: Path):
         super().__init__(f"{signal_name} received: saved {checkpoint}; the same command with train.resume=auto continues.")
         self.checkpoint = checkpoint
+        self.signal_name = signal_name
 
 
 @dataclass
@@ -63,6 +64,7 @@ def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelera
     """An Accelerator for this machine: CPU processes (gloo) when no GPU, the precision `train.precision`
     resolves to here (selfsup/hardware.py), and intra-op threads sized to the usable cores; prints the
     choices and why."""
+    check_trackers(cfg.train.trackers)
     has_cuda = torch.cuda.is_available()
     precision = choose_precision(cfg.train.precision, "cuda" if has_cuda else "cpu")
     parallelism = plan_parallelism(cfg.train.threads, cfg.data.num_workers, cfg.data.augment_on)
@@ -81,6 +83,31 @@ def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelera
         accelerator.print(f"[selfsup] warning: {precision.warning}")
     accelerator.print(f"[selfsup] {precision.describe()}; {parallelism.describe()}")
     return accelerator
+
+
+EXTRAS = ("tensorboard", "wandb")  # trackers with an extra of their own in pyproject.toml: selfsup[tensorboard]
+
+
+def check_trackers(trackers: list[str]) -> None:
+    """Every tracker of train.trackers installed, before any work: Accelerate would only warn and drop a missing
+    one, and the run would finish without the logs it was asked for."""
+    import difflib
+
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in trackers:
+        if name == "all":  # Accelerate's own: whichever are installed
+            continue
+        if name not in LOGGER_TYPE_TO_CLASS:
+            close = difflib.get_close_matches(name, list(LOGGER_TYPE_TO_CLASS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"train.trackers: {name!r} is not an Accelerate tracker ({', '.join(LOGGER_TYPE_TO_CLASS)}).{hint}")
+        available = getattr(accelerate.utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            install = f'pip install "selfsup[{name}]"' if name in EXTRAS else f"pip install {name.replace('_', '-')}"
+            raise ConfigError(f"train.trackers names {name!r}, which is not installed here: {install}, "
+                              f"or drop it from train.trackers.")
 
 
 def make_loader(

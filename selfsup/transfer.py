@@ -5,6 +5,8 @@ sets, the run directory and the JSON result.
 directory; see export.load_encoder) or, for random-init baselines, a backbone name: a registered
 variant or any timm model (`resnet18_small`, `timm:resnet18`; the `timm:` prefix forces a name when a
 folder of that name exists), built with `backbone.kwargs` and seeded by `train.seed`.
+`--image-size` other than the encoder's: a ViT's position embedding is resampled to the new grid (timm's
+`set_input_size`, as DeiT / MAE fine-tune at a higher resolution); a size its patches cannot tile is an error.
 Settings layer up as: the tool's recipe < what the encoder records (its dataset and image size) <
 the `--config` file < the tool's flags < dotted overrides (`optim.lr=0.1`).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -55,9 +58,17 @@ def setup(
     encoder, meta = load_encoder(path) if path is not None else (None, {})
     recorded = {k: v for k, v in meta.get("data", {}).items() if k in ("dataset", "image_size") and v is not None}
     layered = {**defaults, "data": {**defaults.get("data", {}), **recorded}}
+    if encoder is not None:  # its architecture is what it is: recorded under the file, so a different one shows
+        layered["backbone"] = {"name": meta["backbone"]["name"], "kwargs": dict(meta["backbone"].get("kwargs", {}))}
     overrides = [f"{key}={json.dumps(value)}" for flag, key, _ in COMMON_FLAGS + flags
                  if (value := getattr(args, dest(flag))) is not None]
     cfg = load_config(args.config, overrides + list(args.overrides), defaults=layered)
+    if encoder is not None and (conflicts := _backbone_conflicts(layered["backbone"], cfg.backbone)):
+        raise ConfigError(
+            f"the encoder in {path} is a {layered['backbone']['name']!r}, but the config sets {'; '.join(conflicts)}; "
+            "a loaded encoder keeps its architecture: drop these backbone keys from --config / the overrides "
+            "(--image-size resizes a ViT, --drop-path adds stochastic depth)."
+        )
     if encoder is None and args.encoder == PIXELS:
         channels = int(cfg.backbone.kwargs.get("in_chans", 3))
         encoder = PixelEncoder(channels, cfg.data.image_size)
@@ -71,12 +82,55 @@ def setup(
             raise ConfigError(f"--encoder {args.encoder!r} is not an existing path, so it names a backbone at random init: {e}") from e
         meta = {"backbone": {"name": name, "kwargs": dict(cfg.backbone.kwargs)}, "random_init": True}
     in_chans = int(meta.get("data", {}).get("in_chans") or encoder.backbone_kwargs.get("in_chans", 3))
+    if not meta.get("pixels"):
+        fit_input_size(encoder, cfg.data.image_size, meta.get("data", {}).get("image_size"))
     if args.output_dir:
         run_dir = Path(args.output_dir)
     else:
         run_name = cfg.train.run_name or f"{tool}_{_encoder_tag(args.encoder, path)}_{cfg.data.dataset}{name_suffix(cfg)}"
         run_dir = Path(cfg.train.output_dir) / run_name
     return ToolRun(cfg, encoder, meta, in_chans, run_dir, str(path.resolve()) if path is not None else args.encoder)
+
+
+def _backbone_conflicts(recorded: dict[str, Any], configured) -> list[str]:
+    """`backbone.*` settings of the config that the encoder's own record contradicts."""
+    same = lambda a, b: json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)  # noqa: E731
+    out = [] if configured.name == recorded["name"] else [f"backbone.name={configured.name!r}"]
+    kwargs = recorded.get("kwargs", {})
+    for key, value in configured.kwargs.items():
+        if key not in kwargs or not same(value, kwargs[key]):
+            was = f"{kwargs[key]!r}" if key in kwargs else "not set"
+            out.append(f"backbone.kwargs.{key}={value!r} (encoder: {was})")
+    return out
+
+
+def fit_input_size(encoder: nn.Module, size: int, trained: int | None) -> None:
+    """Let a token encoder take `size` px images (--image-size): its patch grid must cover them exactly, and a
+    position embedding learnt at another size is resampled (timm's `set_input_size`, bicubic, as in DeiT / MAE
+    fine-tuning at a higher resolution). CNNs take any size their strides can reduce; nothing to do."""
+    patch = getattr(encoder, "patch_size", None)
+    embed = getattr(encoder, "patch_embed", None)
+    if not patch or embed is None:
+        return
+    built = tuple(embed.img_size) if getattr(embed, "img_size", None) is not None else None
+    trained_text = f"trained at {trained or built[0]} px" if (trained or built) else "of unknown training size"
+    if size % patch:
+        below = size - size % patch
+        near = f"{below} or {below + patch}" if below else str(patch)
+        raise ConfigError(f"--image-size {size} (data.image_size) is not a multiple of the encoder's patch size {patch} "
+                          f"({trained_text}): the patch grid would drop a border; use --image-size {near}.")
+    if built is None or built == (size, size) or not getattr(embed, "strict_img_size", True):
+        return
+    set_input_size = getattr(encoder, "set_input_size", None)
+    if set_input_size is None:
+        raise ConfigError(f"--image-size {size}: the encoder is {trained_text} and {encoder.backbone_name!r} cannot "
+                          f"resample its position embedding; use --image-size {built[0]}.")
+    set_input_size(img_size=(size, size))
+    # a rebuild (with_drop_path) must make the same grid to take these weights
+    encoder.backbone_kwargs = {**encoder.backbone_kwargs, "img_size": size}
+    encoder.timm_kwargs = {**encoder.timm_kwargs, "img_size": size}
+    print(f"[selfsup] encoder {trained_text}, patch {patch}: position embedding resampled to {size} px "
+          f"({size // patch}x{size // patch} patches)", file=sys.stderr, flush=True)
 
 
 def labelled_sets(run: ToolRun, *, augment: bool) -> tuple[Dataset, Dataset, int]:

@@ -126,3 +126,104 @@ def test_non_editable_install_provides_the_commands(tmp_path):
                              text=True, timeout=120)
     assert printed.returncode == 0, printed.stderr
     assert yaml.safe_load(printed.stdout)["method"]["name"] == "simclr"
+
+
+# --- failures: one line without --debug, the traceback with it; exit statuses ---------------------------------
+
+
+def run_module(module: str, *argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_pretrain_prints_one_line_for_a_config_mistake_and_the_traceback_under_debug(debug):
+    proc = run_module("selfsup.cli.pretrain", "--config", str(ROOT / "configs" / "quickstart.yaml"), "optim.lrr=1",
+                      *(["--debug"] if debug else []))
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    if debug:
+        assert "Traceback (most recent call last)" in proc.stderr and "ConfigError: Unknown config key 'optim.lrr'" in proc.stderr
+    else:
+        assert len(lines) == 1 and lines[0].startswith("error: Unknown config key 'optim.lrr'. Did you mean 'optim.lr'?"), proc.stderr
+
+
+def test_an_argument_error_exits_2():
+    from selfsup.cli import pretrain
+
+    with pytest.raises(SystemExit) as caught:
+        pretrain.cli(["--no-such-flag"])
+    assert caught.value.code == 2
+
+
+@pytest.mark.parametrize("tool", ["knn", "linear_probe", "finetune"])
+def test_tools_exit_with_one_line_and_raise_under_debug(tool, tmp_path):
+    import importlib
+
+    main = importlib.import_module(f"selfsup.cli.{tool}").main
+    args = ["--encoder", str(tmp_path / "missing" / "encoder"), f"train.output_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as caught:
+        main(args)
+    assert isinstance(caught.value.code, str) and caught.value.code.startswith("error: --encoder ")
+    assert "\n" not in caught.value.code
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(args + ["--debug"])
+
+
+def _failures():
+    from selfsup.checkpoints import CheckpointLoadError
+    from selfsup.data import BrokenImageError
+    from selfsup.engine import NonFiniteLossError, TrainingInterrupted
+    from selfsup.export import EncoderLoadError
+
+    return {  # raised -> (exit status, what stderr / the SystemExit says)
+        "sigint": (TrainingInterrupted("SIGINT", "runs/x/checkpoints/step_3"), 130, "stopped: SIGINT received"),
+        "sigterm": (TrainingInterrupted("SIGTERM", "runs/x/checkpoints/step_3"), 143, "stopped: SIGTERM received"),
+        "ctrl_c_before_training": (KeyboardInterrupt(), 130, "stopped: interrupted (Ctrl-C)"),
+        "nonfinite": (NonFiniteLossError("loss is nan at step 3\n  fix: lower optim.lr"), 1,
+                      "error: loss is nan at step 3 fix: lower optim.lr"),
+        "encoder": (EncoderLoadError("no encoder in x"), 1, "error: no encoder in x"),
+        "image": (BrokenImageError("a.png", OSError("truncated")), 1, "error: "),
+        "checkpoint": (CheckpointLoadError("no checkpoint in x can be loaded"), 1, "error: no checkpoint in x"),
+        "missing_file": (FileNotFoundError("data/x not found"), 1, "error: data/x not found"),
+        "config": (ValueError("data.image_size must be > 0"), 1, "error: data.image_size must be > 0"),
+    }
+
+
+@pytest.mark.parametrize("case", ["sigint", "sigterm", "ctrl_c_before_training", "nonfinite", "encoder", "image",
+                                  "checkpoint", "missing_file", "config"])
+@pytest.mark.parametrize("debug", [False, True])
+def test_pretrain_cli_exit_status_and_message_of_each_known_failure(case, debug, monkeypatch, capsys):
+    from selfsup.cli import pretrain
+
+    error, status, text = _failures()[case]
+
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr(pretrain, "main", fail)
+    argv = ["--config", "x.yaml"] + (["--debug"] if debug else [])
+    if debug and status == 1:  # a mistake under --debug: its own traceback
+        with pytest.raises(type(error)):
+            pretrain.cli(argv)
+        return
+    with pytest.raises(SystemExit) as caught:
+        pretrain.cli(argv)
+    err = capsys.readouterr().err
+    if status == 1:  # sys.exit(message): Python prints it on stderr and exits 1
+        assert isinstance(caught.value.code, str) and caught.value.code.startswith(text) and "\n" not in caught.value.code
+    else:
+        assert caught.value.code == status and text in err
+        assert ("Traceback (most recent call last)" in err) == debug
+
+
+def test_pretrain_cli_lets_a_bug_raise(monkeypatch):
+    from selfsup.cli import pretrain
+
+    def fail(argv):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(pretrain, "main", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        pretrain.cli(["--config", "x.yaml"])

@@ -331,3 +331,71 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
     message = str(info.value)
     assert str(ckpts) in message and "train.resume=never" in message and "delete" in message and "\n" not in message
     assert pretrain.main(["--config", str(config), "train.max_steps=2", "train.resume=never"])["steps"] == 2
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_conflicting_rerun_leaves_the_finished_run_untouched_and_an_allowed_change_resumes(tmp_path):
+    from selfsup.config import ConfigError
+
+    cfg = tiny_config_dict(tmp_path, data={"batch_size": 8},
+                           train={"max_steps": 2, "checkpoint_every_steps": 2, "precision": "no"})
+    config = write_config(tmp_path, cfg)
+    pretrain.main(["--config", str(config)])
+    run_dir = tmp_path / "runs" / "tiny"
+    before_config = (run_dir / "config.yaml").read_bytes()
+    before_checkpoints = _files(run_dir / "checkpoints")
+    with pytest.raises(ConfigError) as caught:
+        pretrain.main(["--config", str(config), "method.name=moco", "optim.lr=0.1"])
+    message = str(caught.value)
+    assert "\n" not in message and str(run_dir) in message
+    assert "method.name 'simclr' -> 'moco'" in message and "optim.lr 0.3 -> 0.1" in message
+    assert "train.run_name=" in message and "train.resume=never" in message
+    assert (run_dir / "config.yaml").read_bytes() == before_config
+    assert _files(run_dir / "checkpoints") == before_checkpoints
+    # longer training, other logging and evaluation settings: the same run, resumed
+    summary = pretrain.main(["--config", str(config), "train.max_steps=4", "train.log_every_steps=2",
+                             "eval.knn_k=5", "data.num_workers=0"])
+    assert summary["steps"] == 4
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 4]  # steps 3-4 continue 1-2
+    assert "max_steps: 4" in (run_dir / "config.yaml").read_text()
+
+
+def test_config_changes_lists_every_differing_leaf():
+    from selfsup.builders import config_changes
+
+    old = {"a": {"b": 1, "c": [1, 2]}, "d": 3}
+    new = {"a": {"b": 1, "c": [1, 3], "e": 0}, "d": 3}
+    assert config_changes(old, new) == [("a.c", [1, 2], [1, 3]), ("a.e", "<unset>", 0)]
+
+
+VIT = {"name": "vit_tiny_patch4", "kwargs": {"depth": 1, "embed_dim": 48, "num_heads": 2}}
+
+
+@pytest.mark.parametrize("size", [16, 18, 20, 22])
+def test_an_image_size_the_patch_grid_cannot_cover_is_a_config_error(size):
+    from selfsup.builders import check_input_size
+    from selfsup.config import ConfigError
+
+    backbone = create_backbone(VIT["name"], **VIT["kwargs"], img_size=size)
+    with torch.no_grad():  # independent of the check: does timm's grid of 4 px patches cover every pixel?
+        tokens = backbone.patch_embed(torch.zeros(1, 3, size, size)).flatten(1, -2).shape[1]
+    covered = tokens * 4 * 4 == size * size
+    if covered:
+        check_input_size(backbone, size, 3)
+    else:
+        with pytest.raises(ConfigError, match=rf"data.image_size={size} is not a multiple of the patch size 4.*"
+                                              rf"backbone.kwargs.img_size={size}.*{size - size % 4} or {size - size % 4 + 4}"):
+            check_input_size(backbone, size, 3)
+
+
+def test_pretraining_at_a_size_the_patch_grid_cannot_cover_stops_before_anything(tmp_path):
+    from selfsup.config import ConfigError
+
+    cfg = tiny_config_dict(tmp_path, data={"image_size": 18},
+                           backbone={"name": VIT["name"], "kwargs": {**VIT["kwargs"], "img_size": 18}})
+    with pytest.raises(ConfigError, match=r"data.image_size=18 .*patch size 4.*use data.image_size .*16 or 20"):
+        pretrain.main(["--config", str(write_config(tmp_path, cfg))])
+    assert not (tmp_path / "runs" / "tiny").exists()

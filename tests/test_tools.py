@@ -141,3 +141,59 @@ def test_knn_tool_scores_raw_pixels_alone_and_beside_an_encoder(folder, encoder_
                 str(tmp_path / "both")] + common(folder, tmp_path))
     check_result(both, tmp_path, capsys, "knn")
     assert both["pixels_top1"] == pytest.approx(pixels["top1"])  # the same protocol, the same figure
+
+
+@pytest.fixture(scope="module")
+def vit_encoder_dir(tmp_path_factory):
+    """A 4 px-patch ViT exported at 16 px (a 4x4 grid of position embeddings)."""
+    torch.manual_seed(0)
+    backbone = create_backbone("vit_tiny_patch4", depth=1, embed_dim=48, num_heads=2, img_size=16)
+    directory = tmp_path_factory.mktemp("vit") / "encoder"
+    save_encoder(backbone, directory, method="mae", data={"dataset": "image_folder", "image_size": 16, "in_chans": 3})
+    return directory
+
+
+def test_finetune_a_vit_at_another_size_resamples_its_position_embedding(folder, vit_encoder_dir, tmp_path, capsys):
+    import torch.nn.functional as F
+
+    from selfsup.export import load_encoder
+    from selfsup.transfer import fit_input_size
+
+    encoder, _ = load_encoder(vit_encoder_dir)
+    trained = encoder.pos_embed.detach().clone()
+    fit_input_size(encoder, 24, 16)
+    # by hand: the class token kept, the 4x4 grid [1, 16, D] -> [1, D, 4, 4] resized to 6x6 (bicubic, antialiased as timm does)
+    grid = trained[:, 1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, 36, 48)
+    assert encoder.pos_embed.shape == (1, 1 + 36, 48)
+    assert torch.equal(encoder.pos_embed[:, :1], trained[:, :1]) and torch.allclose(encoder.pos_embed[:, 1:], resized, atol=1e-6)
+    args = ["--encoder", str(vit_encoder_dir), "--image-size", "24", "--drop-path", "0.1", "train.max_steps=1",
+            "data.batch_size=8"] + common(folder, tmp_path)
+    result = check_result(load_tool("finetune")(args), tmp_path, capsys, "finetune")
+    assert result["steps"] == 1
+
+
+def test_tools_refuse_an_image_size_the_encoders_patch_grid_cannot_cover(folder, vit_encoder_dir, tmp_path):
+    args = ["--encoder", str(vit_encoder_dir), "--image-size", "18"] + common(folder, tmp_path)
+    for tool in ("finetune", "knn"):
+        with pytest.raises(SystemExit, match=r"--image-size 18 .*patch size 4 \(trained at 16 px\).*--image-size 16 or 20"):
+            load_tool(tool)(args)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tools_refuse_backbone_settings_the_encoder_contradicts(folder, encoder_dir, tmp_path, capsys):
+    finetune = load_tool("finetune")
+    vit_settings = tmp_path / "vit.yaml"
+    vit_settings.write_text("backbone:\n  kwargs: {img_size: 32, stem_width: 16}\n")
+    args = ["--encoder", str(encoder_dir), "--print-config"] + common(folder, tmp_path)
+    with pytest.raises(SystemExit) as caught:
+        finetune(args + ["--config", str(vit_settings)])
+    message = str(caught.value)
+    assert "\n" not in message and str(encoder_dir) in message and "'resnet18_small'" in message
+    assert "backbone.kwargs.img_size=32 (encoder: not set)" in message and "stem_width" not in message  # 16 is its own
+    with pytest.raises(SystemExit, match=r"backbone.name='vit_tiny_patch4'"):
+        finetune(args + ["backbone.name=vit_tiny_patch4"])
+    # restating the encoder's own architecture is fine, and the resolved config shows it
+    printed = finetune(args + [f"backbone.kwargs.stem_width={TINY_RESNET['kwargs']['stem_width']}"])
+    assert printed["backbone"] == {"name": TINY_RESNET["name"], "kwargs": TINY_RESNET["kwargs"]}
+    assert not (tmp_path / "runs").exists()

@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--markdown", default=None, help="add/replace this run's row in this markdown file")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure (without it, a mistake "
+                        "you can fix prints one line 'error: ...')")
     args = parser.parse_args(argv)
     if min(args.warmup, args.steps, args.repeats) < 1:
         parser.error("--warmup, --steps and --repeats must be >= 1")
@@ -390,10 +392,12 @@ def peak_memory_mb(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def cli() -> int:
-    """`selfsup-benchmark`."""
-    main()
+    """`selfsup-benchmark`: a mistake the user can fix prints one line (`--debug`: the traceback)."""
+    from selfsup.cli.common import exit_on_user_error
+
+    exit_on_user_error(main)()
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

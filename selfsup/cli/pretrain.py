@@ -20,18 +20,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML file with sections data, backbone, method, optim, train, eval")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure (without it, a mistake "
+                        "you can fix prints one line 'error: ...')")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.3 train.epochs=5")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from selfsup.config import ConfigError, load_config
+    from selfsup.config import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
         from selfsup.cli.common import print_config
 
@@ -43,7 +42,7 @@ def run_pretraining(cfg) -> dict[str, Any]:
     """Train, evaluate and export one resolved config; the summary (also summary.json in the run directory)."""
     from accelerate.utils import set_seed
 
-    from selfsup.builders import build_batch_transform, build_pretraining, in_chans, run_dir_for
+    from selfsup.builders import build_batch_transform, build_pretraining, check_same_run, in_chans, run_dir_for
     from selfsup.config import save_config
     from selfsup.engine import NonFiniteLossError, TrainingInterrupted, fit, make_accelerator, make_loader
     from selfsup.export import save_encoder
@@ -52,6 +51,7 @@ def run_pretraining(cfg) -> dict[str, Any]:
 
     started, clock = time.strftime("%Y-%m-%d %H:%M:%S %z"), time.perf_counter()
     run_dir = run_dir_for(cfg)
+    check_same_run(cfg, run_dir)  # a rerun with other settings stops here, before config.yaml is rewritten
     accelerator = make_accelerator(cfg, run_dir)
     set_seed(cfg.train.seed)
 
@@ -207,17 +207,12 @@ def with_reconstructions(monitor, method, cfg, train_set, info, run_dir):
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """Command-line entry (`selfsup-pretrain`): known failures print their one-paragraph message instead of a traceback."""
-    parse_args(argv)  # --help and argument errors before the heavy imports below
-    from selfsup.data import BrokenImageError
-    from selfsup.engine import NonFiniteLossError, TrainingInterrupted
-    from selfsup.export import EncoderLoadError
+    """Command-line entry (`selfsup-pretrain`): a mistake the user can fix prints one line `error: ...` and exits 1
+    (`--debug`: with its traceback); Ctrl-C exits 130, SIGTERM 143, each after saving a checkpoint."""
+    parse_args(argv)  # --help and argument errors (status 2) before the heavy imports of main
+    from selfsup.cli.common import exit_on_user_error
 
-    try:
-        main(argv)
-    except (TrainingInterrupted, NonFiniteLossError, EncoderLoadError, BrokenImageError, FileNotFoundError, ValueError) as e:
-        print(f"[selfsup] stopped: {e}", file=sys.stderr)
-        return 143 if isinstance(e, TrainingInterrupted) else 1
+    exit_on_user_error(main)(argv)
     return 0
 
 
