@@ -55,7 +55,7 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
         old_raw = yaml.safe_load(saved.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{saved} is not readable YAML ({type(e).__name__}); restore it, or set "
-                          "train.resume=never to redo the run (overwrites it).") from None
+                          "train.run_name=<new name> for a new run.") from None
     try:
         old = to_dict(from_dict(old_raw))  # the same normal form as the new config (defaults filled in)
     except ConfigError:
@@ -68,7 +68,7 @@ def check_same_run(cfg: Config, run_dir: Path) -> None:
         more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({listed}{more}); nothing was changed. Start a new run "
-            f"with train.run_name=<new name>, or redo this one with train.resume=never (overwrites it)."
+            f"with train.run_name=<new name>, or delete that directory to redo this one."
         )
 
 

@@ -352,7 +352,7 @@ def test_a_conflicting_rerun_leaves_the_finished_run_untouched_and_an_allowed_ch
     message = str(caught.value)
     assert "\n" not in message and str(run_dir) in message
     assert "method.name 'simclr' -> 'moco'" in message and "optim.lr 0.3 -> 0.1" in message
-    assert "train.run_name=" in message and "train.resume=never" in message
+    assert "train.run_name=" in message and "delete that directory" in message
     assert (run_dir / "config.yaml").read_bytes() == before_config
     assert _files(run_dir / "checkpoints") == before_checkpoints
     # longer training, other logging and evaluation settings: the same run, resumed

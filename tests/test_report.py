@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from selfsup.cli import pretrain
-from selfsup.report import write_comparison, write_report
+from selfsup.report import write_report
 from tests.conftest import ROOT, tiny_config_dict, write_config
 
 SECTIONS = ("# Pretraining report: tiny", "## Results", "## Time and throughput", "## Environment", "## Plots",
