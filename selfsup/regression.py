@@ -156,7 +156,8 @@ def machine_info(result: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "cpu_model": model,
         "isa": cpu_isa(),
-        "native_bf16": cpu_native_bf16(),
+        "native_bf16": cpu_native_bf16(),  # as the run saw it: False under ONEDNN_MAX_CPU_ISA=AVX2
+        "hardware_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
         "threads": result.get("threads", torch.get_num_threads()),
         "precision": result.get("precision", "?"),
         "usable_cores": usable_cores(),
@@ -168,7 +169,7 @@ def machine_info(result: dict[str, Any] | None = None) -> dict[str, Any]:
 def git_commit(root: Path = ROOT) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -195,10 +196,10 @@ def floor_entry(config: str, runs: list[dict[str, Any]], root: Path = ROOT) -> d
         "floor": floor,
         "random_init_margin": RANDOM_INIT_MARGIN,
         "pixels_margin": pixels_margin,
-        "measured": ci["knn_top1"],
-        "random_init_knn_top1": ci["random_init_knn_top1"],
-        "pixels_knn_top1": ci["pixels_knn_top1"],
-        "runs": [{k: r[k] for k in ("seed", "knn_top1", "random_init_knn_top1", "pixels_knn_top1", "wall_s", "cpu_s")
+        "measured": round(ci["knn_top1"], 2),
+        "random_init_knn_top1": round(ci["random_init_knn_top1"], 2),
+        "pixels_knn_top1": round(ci["pixels_knn_top1"], 2),
+        "runs": [{k: round(r[k], 2) if isinstance(r[k], float) else r[k] for k in ("seed", "knn_top1", "random_init_knn_top1", "pixels_knn_top1", "wall_s", "cpu_s")
                   if k in r} for r in runs],
         "how_chosen": (
             f"floor = lowest of {len(runs)} runs ({min(top1):.1f} %) minus max({MIN_NOISE:g}, {NOISE_FACTOR:g} x their "
