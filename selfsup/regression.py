@@ -43,6 +43,9 @@ REQUIRED_FIELDS = ("config", "config_sha256", "floor", "random_init_margin", "pi
 MACHINE_FIELDS = ("cpu_model", "isa", "native_bf16", "threads", "precision", "usable_cores", "torch")
 # setting the floor: below the lowest measured run by max(MIN_NOISE, NOISE_FACTOR x spread of the runs)
 MIN_NOISE, NOISE_FACTOR, RANDOM_INIT_MARGIN = 3.0, 2.0, 3.0
+# the runs train on the CPU in fp32 at the AVX2 class, as .ci/run and the measured floors do, even on a machine
+# with bf16 units or a GPU (whose figures would differ); set any of these in the environment to override
+CPU_CLASS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "CUDA_VISIBLE_DEVICES": ""}
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,8 +82,8 @@ def check_config_unchanged(family: str, entry: dict[str, Any], root: Path = ROOT
     if not path.is_file():
         return [f"{family}: {entry['config']} is missing; the floor was measured with it"]
     if file_sha256(path) != entry["config_sha256"]:
-        return [f"{family}: {entry['config']} changed since its floor was measured; measure again with "
-                f"`python tools/regression.py --update-floor --family {family}` and commit the new floor"]
+        return [(f"{family}: {entry['config']} changed since its floor was measured; measure again with "
+                 f"`python tools/regression.py --update-floor --family {family}` and commit the new floor")]
     return []
 
 
@@ -118,9 +121,11 @@ def run_family(config: str | Path, *, seed: int | None = None, output_dir: Path,
         args.append(f"train.seed={seed}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the README's commands: threads sleep instead of spinning
+    for key, value in CPU_CLASS.items():  # the protocol the floors were measured on; a caller's value wins
+        env.setdefault(key, value)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
@@ -131,6 +136,8 @@ def run_family(config: str | Path, *, seed: int | None = None, output_dir: Path,
     summary["cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)
     if m := re.search(r"precision=(\w+)", proc.stdout):
         summary["precision"] = m.group(1)
+    if m := re.search(r"CPU (with|without) native bf16: (\w+)", proc.stdout):  # what the child ran on
+        summary["native_bf16"], summary["isa"] = m.group(1) == "with", m.group(2)
     if m := re.search(r"threads=(\d+)", proc.stdout):
         summary["threads"] = int(m.group(1))
     if seed is not None:
@@ -155,13 +162,13 @@ def machine_info(result: dict[str, Any] | None = None) -> dict[str, Any]:
     result = result or {}
     return {
         "cpu_model": model,
-        "isa": cpu_isa(),
-        "native_bf16": cpu_native_bf16(),  # as the run saw it: False under ONEDNN_MAX_CPU_ISA=AVX2
+        "isa": result.get("isa", cpu_isa()),  # as the run saw it (its start-up line), else this process
+        "native_bf16": result.get("native_bf16", cpu_native_bf16()),  # False under ONEDNN_MAX_CPU_ISA=AVX2
         "hardware_bf16": bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
         "threads": result.get("threads", torch.get_num_threads()),
         "precision": result.get("precision", "?"),
         "usable_cores": usable_cores(),
-        "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
+        "env": {k: os.environ.get(k, CPU_CLASS[k]) for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")},
         "torch": torch.__version__,
     }
 
@@ -169,7 +176,8 @@ def machine_info(result: dict[str, Any] | None = None) -> dict[str, Any]:
 def git_commit(root: Path = ROOT) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=False).stdout.strip()
         return out.stdout.strip() + ("+uncommitted" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

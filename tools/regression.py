@@ -4,7 +4,8 @@
     python tools/regression.py --family contrastive         # one family
     python tools/regression.py --update-floor               # measure again on 2 seeds and rewrite the floors (never in CI)
 
-Run it on the CPU class the floors were measured on: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (.ci/run sets them).
+The runs train on the CPU class the floors were measured on (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2, fp32,
+no GPU) unless the environment sets those variables; .ci/run sets the same.
 """
 
 from __future__ import annotations
