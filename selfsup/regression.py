@@ -129,8 +129,9 @@ def run_family(config: str | Path, *, seed: int | None = None, output_dir: Path,
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise RuntimeError(f"pretraining {config} failed (exit {proc.returncode}):\n{tail}")
+        lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        print("\n".join(lines[-15:]), file=sys.stderr)  # the context; the failure itself is one line
+        raise RuntimeError(f"pretraining {config} failed (exit {proc.returncode}): {lines[-1] if lines else 'no output'}")
     summary = json.loads((Path(output_dir) / run_name / "summary.json").read_text())
     summary["wall_s"] = round(wall, 1)
     summary["cpu_s"] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 1)

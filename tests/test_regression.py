@@ -114,6 +114,15 @@ def test_a_run_that_crashes_fails(tmp_path, capsys):
     assert "the run did not finish" in capsys.readouterr().out
 
 
+def test_a_failing_child_run_is_one_line(tmp_path, capsys):
+    # a config whose dataset cannot be found: the real child process fails fast, before training
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {dataset: image_folder, root: /nonexistent/images}\n")
+    with pytest.raises(RuntimeError) as info:
+        regression.run_family(bad, output_dir=tmp_path / "runs", run_name="bad")
+    assert "\n" not in str(info.value) and "failed (exit" in str(info.value)
+
+
 def test_a_changed_config_needs_a_new_floor(tmp_path, capsys):
     floor = _floor_file(tmp_path)
     data = json.loads(floor.read_text())
