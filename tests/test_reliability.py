@@ -96,7 +96,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, straight_run):
     assert_same_weights(final_weights(run_dir), straight_run[1])
 
 
-@pytest.mark.parametrize("workers, whole_group", [(0, False), (2, True)])
+@pytest.mark.parametrize("workers, whole_group", [pytest.param(0, False, marks=pytest.mark.slow), (2, True)])
 def test_sigterm_writes_a_checkpoint_then_resume_is_bit_identical(tmp_path, straight_run, workers, whole_group):
     """SIGTERM to the main process, or (as SLURM / `timeout` do) to the whole group, DataLoader workers included."""
     cfg = tiny_config_dict(tmp_path, method=SLOW, data={"num_workers": workers},
