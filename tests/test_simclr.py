@@ -165,3 +165,50 @@ def test_one_simclr_step_equals_a_plain_pytorch_reference_step():
         expected_state = reference.state_dict()  # weights and BN running statistics
         for name, value in model.state_dict().items():
             torch.testing.assert_close(value, expected_state[name], rtol=1e-10, atol=1e-12, msg=f"step {step}: {name}")
+
+
+@pytest.mark.parametrize("bn_per_view", [True, False])
+def test_bn_per_view_normalises_each_view_with_its_own_statistics(bn_per_view):
+    """bn_per_view: every BN sees each view's N images alone, as a per-view forward (lightly's example) does;
+    unset, one pass sees all 2N (google-research/simclr). Checked on the batch statistics each BN computes, the
+    running statistics it keeps and the loss, against a reference that runs f and g on each view in turn."""
+    tau, n = 0.5, 6
+    torch.manual_seed(0)
+    model = SimCLR(create_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"]),
+                   SimCLRConfig(temperature=tau, proj_hidden_dim=32, proj_out_dim=16, bn_per_view=bn_per_view)).double()
+    reference = torch.nn.ModuleDict({"encoder": copy.deepcopy(model.encoder), "projector": copy.deepcopy(model.projector)})
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = (torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64) + shift for shift in (0.0, 1.0))
+
+    def record(module):  # (BN name, batch mean, batch variance) of every BN call, in call order
+        seen = []
+        hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.append(
+            (name, args[0].mean([d for d in range(args[0].ndim) if d != 1]),
+             args[0].var([d for d in range(args[0].ndim) if d != 1], unbiased=False))))
+            for name, m in module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        return seen, hooks
+
+    seen, hooks = record(model)
+    loss = model(([x1, x2], None)).loss
+    ref_seen, ref_hooks = record(reference)
+    z = torch.cat([reference["projector"](reference["encoder"](x)) for x in (x1, x2)])  # [2N, D], one view at a time
+    for h in hooks + ref_hooks:
+        h.remove()
+    z = F.normalize(z, dim=1)
+    similarity = (z @ z.T / tau).masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))  # [2N, 2N]
+    expected = F.cross_entropy(similarity, torch.cat([torch.arange(n) + n, torch.arange(n)]))
+
+    norms = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert len(ref_seen) == 2 * norms
+    if not bn_per_view:  # one pass: each BN once, over 2N samples, so the statistics differ from the reference's
+        assert len(seen) == norms
+        assert not torch.allclose(loss, expected)
+        return
+    assert [name for name, _, _ in seen] == [name for name, _, _ in ref_seen]
+    for (name, mean, var), (_, ref_mean, ref_var) in zip(seen, ref_seen):
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12, msg=f"batch mean at {name}")
+        torch.testing.assert_close(var, ref_var, rtol=1e-12, atol=1e-12, msg=f"batch variance at {name}")
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    expected_state = reference.state_dict()  # running statistics after one update per view
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, expected_state[name], rtol=1e-12, atol=1e-12, msg=name)

@@ -16,7 +16,8 @@ every BN (backbone and projector) normalises with statistics of all 2N views of 
 global BN computes them and as google-research/simclr does (tf2/model.py at be265c2, `Model.__call__`:
 `tf.concat(features_list, 0)` then one `resnet_model` call). One pass per view, as lightly's example does
 (lightly-ai/lightly examples/pytorch/simclr.py at 2abf921: `z0 = model(x0)`, `z1 = model(x1)`), would give
-each view BN statistics of its own N images. tests/test_simclr.py checks a step against a plain-PyTorch
+each view BN statistics of its own N images; `bn_per_view: true` does that (docs/compare_lightly.md measures
+both). tests/test_simclr.py checks a step against a plain-PyTorch
 reference of the concatenated form.
 
 Gradient accumulation (`train.accumulate_steps`): the engine scales the lr by batch x processes x
@@ -51,6 +52,9 @@ class SimCLRConfig:
     proj_layers: int = 2
     proj_batch_norm: bool = True  # BN in the projection MLP (SimCLR v2 / solo-learn); False: paper v1
     sync_bn: bool | None = None  # global BN (SyncBatchNorm; GlobalBatchNorm on CPU processes); None: on with > 1 process
+    # one f + g pass per view (BN statistics over each view's N images, as lightly's example); False: one pass over
+    # all V*N views, BN over all of them (google-research/simclr tf2/model.py L259-262)
+    bn_per_view: bool = False
 
 
 class SimCLR(Method):
@@ -84,9 +88,11 @@ class SimCLR(Method):
         if len(views) < 2:
             raise ValueError(f"SimCLR needs at least 2 views per image, got {len(views)}; set data.num_views >= 2.")
         n = views[0].shape[0]
-        # all views through f and g in one pass (BN over all V*N views): [V*N, C, H, W] -> z: [V*N, D]
-        z = self.projector(self.encoder(torch.cat(views)))
-        z = z.view(len(views), n, -1)  # [V, N, D]
+        if self.cfg.bn_per_view:  # one pass per view, BN over its N images: V x [N, C, H, W] -> z: [V, N, D]
+            z = torch.stack([self.projector(self.encoder(x)) for x in views])
+        else:  # all views through f and g in one pass (BN over all V*N views): [V*N, C, H, W] -> z: [V*N, D]
+            z = self.projector(self.encoder(torch.cat(views)))
+            z = z.view(len(views), n, -1)  # [V, N, D]
         # every (i, j) pair of views is a positive pair (the paper's 2 views; multi-crop averages)
         losses = []
         offset = distributed.rank() * n
