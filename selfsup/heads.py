@@ -13,10 +13,12 @@ def mlp(
     *,
     batch_norm: bool = True,
     last_batch_norm: bool = False,
+    last_affine: bool = False,
 ) -> nn.Sequential:
     """Linear-(BN)-ReLU blocks then a final Linear; SimCLR / MoCo v2 / v3 heads differ only in these flags.
 
-    With `last_batch_norm` the output gets a BN without affine parameters (MoCo v3 / SimCLR v2 style).
+    With `last_batch_norm` the output gets a BN (MoCo v3 style: without affine parameters; `last_affine`: with
+    them, as google-research/simclr's and lightly's SimCLR heads) and the final Linear no bias.
     """
     if num_layers < 1:
         raise ValueError(f"an MLP head needs num_layers >= 1, got {num_layers}")
@@ -30,5 +32,5 @@ def mlp(
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
     if last_batch_norm:
-        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        layers.append(nn.BatchNorm1d(out_dim, affine=last_affine))
     return nn.Sequential(*layers)

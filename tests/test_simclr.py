@@ -174,11 +174,14 @@ def test_bn_per_view_normalises_each_view_with_its_own_statistics(bn_per_view):
     running statistics it keeps and the loss, against a reference that runs f and g on each view in turn."""
     tau, n = 0.5, 6
     torch.manual_seed(0)
-    model = SimCLR(create_backbone(TINY_RESNET["name"], **TINY_RESNET["kwargs"]),
-                   SimCLRConfig(temperature=tau, proj_hidden_dim=32, proj_out_dim=16, bn_per_view=bn_per_view)).double()
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())  # BN in f and in g
+    backbone.embed_dim = 8
+    model = SimCLR(backbone, SimCLRConfig(temperature=tau, proj_hidden_dim=32, proj_out_dim=16,
+                                          bn_per_view=bn_per_view)).double()
     reference = torch.nn.ModuleDict({"encoder": copy.deepcopy(model.encoder), "projector": copy.deepcopy(model.projector)})
     g = torch.Generator().manual_seed(1)
-    x1, x2 = (torch.randn(n, 3, 16, 16, generator=g, dtype=torch.float64) + shift for shift in (0.0, 1.0))
+    x1, x2 = (torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64) + shift for shift in (0.0, 1.0))
 
     def record(module):  # (BN name, batch mean, batch variance) of every BN call, in call order
         seen = []
@@ -212,3 +215,28 @@ def test_bn_per_view_normalises_each_view_with_its_own_statistics(bn_per_view):
     expected_state = reference.state_dict()  # running statistics after one update per view
     for name, value in model.state_dict().items():
         torch.testing.assert_close(value, expected_state[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_proj_last_batch_norm_is_the_official_and_lightly_projection_head():
+    """proj_last_batch_norm: Linear - BN - ReLU - Linear (no bias) - BN (gamma, beta), as google-research/simclr
+    (tf2/model.py L180-186) and lightly's SimCLRProjectionHead build it; built under the same seed it has the
+    weights of that head written here in plain PyTorch and gives the same output, standardised per dimension."""
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 10))
+    backbone.embed_dim = 10
+    torch.manual_seed(0)
+    model = SimCLR(backbone, SimCLRConfig(proj_hidden_dim=16, proj_out_dim=8, proj_last_batch_norm=True)).double()
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(10, 16, bias=False), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                    torch.nn.Linear(16, 8, bias=False), torch.nn.BatchNorm1d(8)).double()
+    assert [tuple(v.shape) for v in model.projector.state_dict().values()] == [
+        tuple(v.shape) for v in reference.state_dict().values()]
+    for value, expected in zip(model.projector.state_dict().values(), reference.state_dict().values()):
+        assert torch.equal(value, expected)
+    h = torch.randn(32, 10, dtype=torch.float64)
+    z = model.projector(h)
+    torch.testing.assert_close(z, reference(h), rtol=0, atol=0)
+    torch.testing.assert_close(z.mean(0), torch.zeros(8, dtype=torch.float64), rtol=0, atol=1e-12)  # beta = 0
+    torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(8, dtype=torch.float64), rtol=0, atol=1e-3)  # gamma = 1
+    default = SimCLR(backbone, SimCLRConfig(proj_hidden_dim=16, proj_out_dim=8)).double()
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in list(default.projector)[3:])  # off by default
+    assert default.projector[3].bias is not None

@@ -51,6 +51,9 @@ class SimCLRConfig:
     proj_out_dim: int = 128
     proj_layers: int = 2
     proj_batch_norm: bool = True  # BN in the projection MLP (SimCLR v2 / solo-learn); False: paper v1
+    # BN (gamma, beta) on the projection output, no bias before it: google-research/simclr tf2/model.py L180-186
+    # (BN with gamma only there) and lightly's SimCLRProjectionHead; lowers the loss early on (docs/compare_lightly.md)
+    proj_last_batch_norm: bool = False
     sync_bn: bool | None = None  # global BN (SyncBatchNorm; GlobalBatchNorm on CPU processes); None: on with > 1 process
     # one f + g pass per view (BN statistics over each view's N images, as lightly's example); False: one pass over
     # all V*N views, BN over all of them (google-research/simclr tf2/model.py L259-262)
@@ -75,6 +78,8 @@ class SimCLR(Method):
             cfg.proj_out_dim,
             cfg.proj_layers,
             batch_norm=cfg.proj_batch_norm,
+            last_batch_norm=cfg.proj_last_batch_norm,
+            last_affine=True,
         )
         backend = dist.get_backend() if distributed.is_distributed() else None
         if use_sync_bn(cfg.sync_bn, distributed.world_size()):
