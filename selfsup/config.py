@@ -58,6 +58,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 10.0
     min_lr: float = 0.0
+    # after warmup: cosine to min_lr | step: lr x 0.1 at each of lr_milestones (epochs from the start; MoCo's
+    # linear probe, facebookresearch/moco main_lincls.py: x 0.1 at epochs 60 and 80)
+    schedule: str = "cosine"
+    lr_milestones: list[float] = field(default_factory=list)
     exclude_bias_and_norm: bool = True  # no weight decay on biases, norms, pos-embeds, cls tokens
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
     fused: bool = False  # torch's fused update kernels (sgd, adam, adamw; CUDA and CPU): fewer launches per step
@@ -68,6 +72,13 @@ class OptimConfig:
             raise ConfigError(f"optim.lr must be > 0 (the rate for a global batch of 256), got {self.lr}.")
         if self.min_lr < 0:
             raise ConfigError(f"optim.min_lr must be >= 0, got {self.min_lr}.")
+        if self.schedule not in ("cosine", "step"):
+            raise ConfigError(f"optim.schedule must be cosine or step, got {self.schedule!r}.")
+        if self.schedule == "step" and not self.lr_milestones:
+            raise ConfigError("optim.schedule=step needs optim.lr_milestones (epochs where the lr drops x 0.1), "
+                              "e.g. optim.lr_milestones=[60,80]; or set optim.schedule=cosine.")
+        if list(self.lr_milestones) != sorted(self.lr_milestones) or any(m <= 0 for m in self.lr_milestones):
+            raise ConfigError(f"optim.lr_milestones must be increasing epochs > 0, got {list(self.lr_milestones)}.")
 
 
 @dataclass
@@ -137,6 +148,10 @@ class ProbeConfig:
 
     cache_features: bool = True  # features computed once without augmentation; False: augmented images every epoch
     batch_norm: bool = False  # MAE: a BatchNorm without affine parameters before the linear layer
+    zero_init: bool = False  # the linear layer starts at 0 (SimCLR's --zero_init_logits_layer), else N(0, 0.01)
+    # whose protocol sets the recipe (tools/linear_probe.py --protocol): moco | moco_v3 | mae | simclr;
+    # None: the family of the method that trained the encoder (selfsup/probe_protocols.py)
+    protocol: str | None = None
 
 
 @dataclass

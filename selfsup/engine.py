@@ -184,13 +184,13 @@ def fit(
         )
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps, steps_per_epoch)
     # Accumulation enlarges the optimizer's batch only: negatives and BN statistics come from each micro-batch.
     objective_batch = batch_size * world
     accelerator.print(
         f"[selfsup] processes={world} per-process batch={batch_size} accumulate={accumulate} "
         f"-> global batch {global_batch} (optimizer), {objective_batch} per objective (negatives, BN); {cfg.optim.name} lr = {cfg.optim.lr:g} x scaling '{cfg.optim.lr_scaling}' = {lr:.6g}; "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps}; "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps, warmup {warmup_steps}, {_schedule_text(cfg.optim)}; "
         f"device={accelerator.device} precision={accelerator.mixed_precision}"
     )
 
@@ -362,6 +362,12 @@ def _to_float(value: Any) -> Any:
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def _schedule_text(optim_cfg) -> str:
+    if optim_cfg.schedule == "step":
+        return "lr x 0.1 at epochs " + ", ".join(f"{m:g}" for m in optim_cfg.lr_milestones)
+    return "cosine"
 
 
 def _flat_config(cfg: Config) -> dict[str, Any]:

@@ -269,7 +269,7 @@ def linear_probe(
     `cfg`, BatchNorm first if cfg.probe.batch_norm); returns the final test top-1 / top-5.
     """
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    head = LinearHead(train_features.shape[1], num_classes, batch_norm=cfg.probe.batch_norm)
+    head = LinearHead(train_features.shape[1], num_classes, batch_norm=cfg.probe.batch_norm, zero_init=cfg.probe.zero_init)
     task = SupervisedTask(head, num_classes)
     data_cfg = dataclasses.replace(cfg.data, num_workers=0)  # tensors in memory: workers only add overhead
     loader = make_loader(FeatureDataset(train_features, train_labels), data_cfg, seed=cfg.train.seed)

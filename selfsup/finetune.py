@@ -32,11 +32,11 @@ __all__ = ["LinearHead", "Classifier", "SupervisedTask", "build_finetune_optimiz
 class LinearHead(nn.Module):
     """Linear classifier, optionally after a BatchNorm without affine parameters (MAE's linear probe)."""
 
-    def __init__(self, in_dim: int, num_classes: int, *, batch_norm: bool = False) -> None:
+    def __init__(self, in_dim: int, num_classes: int, *, batch_norm: bool = False, zero_init: bool = False) -> None:
         super().__init__()
         self.norm = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6) if batch_norm else nn.Identity()
         self.fc = nn.Linear(in_dim, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)  # MoCo / MAE linear-probe init
+        nn.init.normal_(self.fc.weight, std=0.0 if zero_init else 0.01)  # SimCLR's zero init; MoCo / MAE N(0, 0.01)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -70,11 +70,12 @@ class Classifier(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, num_classes: int, *, freeze_backbone: bool = False, head_batch_norm: bool = False
+        self, backbone: nn.Module, num_classes: int, *, freeze_backbone: bool = False, head_batch_norm: bool = False,
+        head_zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = LinearHead(backbone.embed_dim, num_classes, batch_norm=head_batch_norm)
+        self.head = LinearHead(backbone.embed_dim, num_classes, batch_norm=head_batch_norm, zero_init=head_zero_init)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             backbone.requires_grad_(False)

@@ -91,6 +91,7 @@ def run_pretraining(cfg) -> dict[str, Any]:
             method.encoder,  # prepare() wrapped this same module; its weights are the trained ones
             run_dir / "encoder",
             method=cfg.method.name,
+            **({"variant": cfg.method.variant} if getattr(cfg.method, "variant", None) else {}),  # the probe's protocol
             run={"run_dir": str(run_dir), "steps": result.steps},
             data={"dataset": cfg.data.dataset, "image_size": cfg.data.image_size, "mean": list(info.mean),
                   "std": list(info.std), "in_chans": in_chans(cfg)},
