@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "nt_xent"]
+__all__ = ["info_nce", "nt_xent", "self_distillation"]
 
 
 def _check_matrix(name: str, x: Tensor) -> None:
@@ -180,3 +180,24 @@ def nt_xent(
         exclude_index=exclude_index,
         normalize=True,
     )
+
+
+def self_distillation(student_logits: Tensor, teacher_probs: Tensor, student_temperature: float = 0.1) -> Tensor:
+    """DINO's loss (Caron et al. 2021, Eq. 3 / Alg. 1): cross-entropy H(P_t, P_s) averaged over every pair of a
+    teacher view g and a student view v != g; the teacher's G views are the student's first G.
+
+    student_logits: [V, N, K] (raw head outputs, all crops); teacher_probs: [G, N, K] (the teacher's centred,
+    sharpened softmax, no gradient). Also iBOT's [CLS] term. Computed in float32 at least.
+    """
+    if student_logits.dim() != 3 or teacher_probs.dim() != 3 or student_logits.shape[1:] != teacher_probs.shape[1:]:
+        raise ValueError(f"student_logits [V, N, K] and teacher_probs [G, N, K] must agree in N and K, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}")
+    views, n, _ = student_logits.shape
+    teachers = teacher_probs.shape[0]
+    if teachers > views or (views == 1 and teachers == 1):
+        raise ValueError(f"need more student views ({views}) than the teacher's {teachers} and at least one pair")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p = F.log_softmax(student_logits.to(dtype) / student_temperature, dim=-1)  # [V, N, K]
+    cross = -torch.einsum("gnk,vnk->gv", teacher_probs.to(dtype), log_p) / n  # [G, V]: mean CE over the N images
+    other_view = ~torch.eye(teachers, views, dtype=torch.bool, device=cross.device)  # [G, V]: v != g
+    return cross[other_view].mean()
