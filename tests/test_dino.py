@@ -264,3 +264,19 @@ def test_resumed_run_continues_bit_identically_with_centre_teacher_and_schedules
     assert any(k.startswith("teacher_backbone.") for k in final[0]) and set(final[0]) == set(final[1])
     for name, value in final[0].items():
         assert torch.equal(value, final[1][name]), name
+
+
+def test_benchmark_bare_step_runs_the_backbone_once_per_crop_size() -> None:
+    """tools/benchmark.py's bare-backbone figure on multi-crop views: no torch.cat across sizes."""
+    from selfsup.cli.benchmark import _bare_step
+    from selfsup.engine import make_accelerator
+
+    cfg = from_dict({"method": {"name": "dino"}, "backbone": E2E_BACKBONE})
+    model, views = tiny_dino(), crops(0, local=3)
+    calls = []
+    step = _bare_step(cfg, model, (views, None), None, make_accelerator(cfg))
+    backbone = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+    backbone.register_forward_hook(lambda module, args, out: calls.append((tuple(args[0].shape), torch.is_grad_enabled())))
+    step()
+    assert step.views == 5 * N + 2 * N  # student: all 5 crops; teacher: the 2 globals
+    assert calls == [((2 * N, 3, 16, 16), False), ((2 * N, 3, 16, 16), True), ((3 * N, 3, 8, 8), True)]
