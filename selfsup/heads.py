@@ -48,7 +48,8 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, *, batch_norm: bool = False, norm_last_layer: bool = True) -> None:
+                 num_layers: int = 3, *, batch_norm: bool = False, norm_last_layer: bool = True,
+                 patch_out_dim: int | None = None) -> None:
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"the DINO head needs num_layers >= 1, got {num_layers}")
@@ -66,11 +67,18 @@ class DINOHead(nn.Module):
         # v keeps nn.Linear's default init, as the official head wraps a fresh Linear after its init pass
         self.weight_v = nn.Parameter(nn.Linear(bottleneck_dim, out_dim, bias=False).weight.detach().clone())  # [K, b]
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)  # [K, 1]
+        self.patch_weight_v = self.patch_weight_g = None
+        if patch_out_dim is not None:  # iBOT's unshared head: the same MLP, its own prototypes for patch tokens
+            self.patch_weight_v = nn.Parameter(nn.Linear(bottleneck_dim, patch_out_dim, bias=False).weight.detach().clone())
+            self.patch_weight_g = nn.Parameter(torch.ones(patch_out_dim, 1), requires_grad=not norm_last_layer)
 
-    def forward(self, x: Tensor, freeze_last_layer: bool = False) -> Tensor:
-        """x: [N, in_dim] -> logits [N, K]. `freeze_last_layer`: the prototypes get a zero gradient."""
+    def forward(self, x: Tensor, freeze_last_layer: bool = False, patch: bool = False) -> Tensor:
+        """x: [N, in_dim] -> logits [N, K]. `freeze_last_layer`: the prototypes get a zero gradient. `patch`: the
+        patch prototypes, where the head has its own (iBOT, unshared)."""
         z = F.normalize(self.mlp(x), dim=-1)  # [N, b]
         v, g = self.weight_v, self.weight_g
+        if patch and self.patch_weight_v is not None:
+            v, g = self.patch_weight_v, self.patch_weight_g
         if freeze_last_layer:  # zero (not None) gradients: every process still reduces the same parameters
             v, g = v.detach() + 0.0 * v, g.detach() + 0.0 * g
         weight = g * v / v.norm(dim=1, keepdim=True)  # [K, b]

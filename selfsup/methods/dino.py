@@ -83,6 +83,22 @@ def optim_recipe(backbone_name: str, backbone_kwargs: dict) -> dict:
             "warmup_epochs": 10.0, "min_lr": 1e-6}
 
 
+def linear_warmup(epoch: float, start: float, end: float, epochs: float) -> float:
+    """start -> end linearly over the first `epochs` epochs, then end (the teacher temperature's warm-up)."""
+    if epochs <= 0 or epoch >= epochs:
+        return end
+    return start + (end - start) * epoch / epochs
+
+
+@torch.no_grad()
+def update_center_(center: Tensor, teacher_mean: Tensor, momentum: float) -> None:
+    """In place c <- m c + (1 - m) mean over every process of `teacher_mean` (each process's mean over its own
+    batch, the same N on each: so the mean over the global batch). A non-finite batch leaves c as it was."""
+    batch_center = distributed.all_reduce_mean(teacher_mean)  # [K]
+    finite = torch.isfinite(batch_center).all()
+    center.copy_(torch.where(finite, center * momentum + batch_center * (1.0 - momentum), center))
+
+
 def forward_by_size(backbone: nn.Module, views: list[Tensor]) -> Tensor:
     """Backbone features of every view, consecutive views of one size in one batch (the official
     MultiCropWrapper): V x [N, C, S_v, S_v] -> [V*N, D], rows in view order."""
@@ -149,10 +165,9 @@ class DINO(Method):
 
     def teacher_temperature(self) -> float:
         """tau_t: linear from the warm-up value to the final one over the warm-up epochs, then constant."""
-        cfg, warmup = self.cfg, self.cfg.warmup_teacher_temperature_epochs
-        if warmup <= 0 or self.epoch() >= warmup:
-            return cfg.teacher_temperature
-        return cfg.warmup_teacher_temperature + (cfg.teacher_temperature - cfg.warmup_teacher_temperature) * self.epoch() / warmup
+        cfg = self.cfg
+        return linear_warmup(self.epoch(), cfg.warmup_teacher_temperature, cfg.teacher_temperature,
+                             cfg.warmup_teacher_temperature_epochs)
 
     def last_layer_frozen(self) -> bool:
         return self.epoch() < self.cfg.freeze_last_layer
@@ -193,14 +208,9 @@ class DINO(Method):
             self.update_center(teacher_logits)
         return StepOutput(loss, {"teacher_temperature": temperature})
 
-    @torch.no_grad()
     def update_center(self, teacher_logits: Tensor) -> None:
-        """c <- m c + (1 - m) mean of the teacher's outputs over the global batch of every process (the same N on
-        each, so the mean of the per-process means). A non-finite batch leaves c as it was."""
-        batch_center = distributed.all_reduce_mean(teacher_logits.mean(dim=(0, 1)))  # [K]
-        finite = torch.isfinite(batch_center).all()
-        new = self.center * self.cfg.center_momentum + batch_center * (1.0 - self.cfg.center_momentum)  # [1, K]
-        self.center.copy_(torch.where(finite, new, self.center))
+        """c <- m c + (1 - m) mean of the teacher's outputs [G, N, K] over the global batch of every process."""
+        update_center_(self.center, teacher_logits.mean(dim=(0, 1)), self.cfg.center_momentum)
 
     def backbone_passes(self, views: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         return list(views), list(views[: self.num_global_views])  # student: all crops; teacher: the global ones
