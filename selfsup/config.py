@@ -54,6 +54,7 @@ class OptimConfig:
     lr: float = 0.3  # base learning rate for a global batch of 256 (see lr_scaling)
     lr_scaling: str = "linear"  # linear: lr * global_batch / 256 | sqrt | none
     weight_decay: float = 1e-4
+    weight_decay_end: float | None = None  # cosine from weight_decay to this over the run (DINO, iBOT); None: constant
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 10.0
@@ -79,6 +80,8 @@ class OptimConfig:
                               "e.g. optim.lr_milestones=[60,80]; or set optim.schedule=cosine.")
         if list(self.lr_milestones) != sorted(self.lr_milestones) or any(m <= 0 for m in self.lr_milestones):
             raise ConfigError(f"optim.lr_milestones must be increasing epochs > 0, got {list(self.lr_milestones)}.")
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            raise ConfigError(f"optim.weight_decay_end must be >= 0 (or null: constant weight decay), got {self.weight_decay_end}.")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from selfsup.guards import (  # noqa: F401  (NonFiniteLossError is part of the e
     NonFiniteLossError, _all_finite, _ignore_stop_signals, _NonFiniteWatch, _SignalFlag,
 )
 from selfsup.hardware import choose_precision, loader_workers, plan_parallelism
-from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
+from selfsup.optim import build_optimizer, build_scheduler, scaled_lr, set_weight_decay
 from selfsup.sampling import EpochSampler
 
 
@@ -207,7 +207,10 @@ def fit(
     if skip >= batches_per_epoch:  # the checkpoint closed an epoch
         epoch, skip = epoch + 1, 0
     scheduler.step_update(step + 1)  # the lr of the next update
+    set_weight_decay(optimizer, cfg.optim, step, total_steps)  # and its weight decay (optim.weight_decay_end)
     unwrapped = accelerator.unwrap_model(model)
+    if hasattr(unwrapped, "on_fit_start"):
+        unwrapped.on_fit_start(step, total_steps, steps_per_epoch)
     metrics_file = run_dir / "metrics.jsonl"
     result = FitResult(step, epoch, state["last_loss"], state["skipped_nonfinite"])
     last_saved = step if resume_from is not None else -1
@@ -255,6 +258,7 @@ def fit(
                 step += 1
                 position = (epoch, batch_index)  # where a checkpoint taken now resumes
                 scheduler.step_update(step + 1)
+                set_weight_decay(optimizer, cfg.optim, step, total_steps)
                 unwrapped.after_step(step / total_steps)
                 progress.update(1)
 
@@ -268,6 +272,8 @@ def fit(
                         "epoch": epoch + batch_index / batches_per_epoch,
                         "loss": loss,
                         "lr": max(group["lr"] for group in optimizer.param_groups),
+                        **({"weight_decay": max(group["weight_decay"] for group in optimizer.param_groups)}
+                           if cfg.optim.weight_decay_end is not None else {}),
                         "images_per_sec": window_images / max(elapsed, 1e-9),
                         **{k: _to_float(v) for k, v in out.metrics.items()},
                     }

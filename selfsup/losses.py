@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "nt_xent"]
+__all__ = ["info_nce", "nt_xent", "self_distillation", "masked_self_distillation"]
 
 
 def _check_matrix(name: str, x: Tensor) -> None:
@@ -180,3 +180,44 @@ def nt_xent(
         exclude_index=exclude_index,
         normalize=True,
     )
+
+
+def self_distillation(student_logits: Tensor, teacher_probs: Tensor, student_temperature: float = 0.1) -> Tensor:
+    """DINO's loss (Caron et al. 2021, Eq. 3 / Alg. 1): cross-entropy H(P_t, P_s) averaged over every pair of a
+    teacher view g and a student view v != g; the teacher's G views are the student's first G.
+
+    student_logits: [V, N, K] (raw head outputs, all crops); teacher_probs: [G, N, K] (the teacher's centred,
+    sharpened softmax, no gradient). Also iBOT's [CLS] term. Computed in float32 at least.
+    """
+    if student_logits.dim() != 3 or teacher_probs.dim() != 3 or student_logits.shape[1:] != teacher_probs.shape[1:]:
+        raise ValueError(f"student_logits [V, N, K] and teacher_probs [G, N, K] must agree in N and K, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}")
+    views, n, _ = student_logits.shape
+    teachers = teacher_probs.shape[0]
+    if teachers > views or (views == 1 and teachers == 1):
+        raise ValueError(f"need more student views ({views}) than the teacher's {teachers} and at least one pair")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p = F.log_softmax(student_logits.to(dtype) / student_temperature, dim=-1)  # [V, N, K]
+    cross = -torch.einsum("gnk,vnk->gv", teacher_probs.to(dtype), log_p) / n  # [G, V]: mean CE over the N images
+    other_view = ~torch.eye(teachers, views, dtype=torch.bool, device=cross.device)  # [G, V]: v != g
+    return cross[other_view].mean()
+
+
+def masked_self_distillation(student_logits: Tensor, teacher_probs: Tensor, mask: Tensor,
+                             student_temperature: float = 0.1) -> Tensor:
+    """iBOT's masked image modelling loss (Zhou et al. 2022, Eq. 2): per image, the cross-entropy between the
+    teacher's and the student's patch-token distributions of the same crop, averaged over its masked tokens; then
+    the mean over images (an image without masked tokens counts 0) and over the G global crops.
+
+    student_logits: [G, N, L, K] (the masked crops' patch tokens); teacher_probs: [G, N, L, K] (unmasked crops,
+    centred and sharpened); mask: [G, N, L] bool, True = masked.
+    """
+    if student_logits.shape != teacher_probs.shape or mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"student_logits and teacher_probs [G, N, L, K] and mask [G, N, L] must agree, got "
+                         f"{tuple(student_logits.shape)}, {tuple(teacher_probs.shape)}, {tuple(mask.shape)}")
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p = F.log_softmax(student_logits.to(dtype) / student_temperature, dim=-1)  # [G, N, L, K]
+    cross = -(teacher_probs.to(dtype) * log_p).sum(dim=-1)  # [G, N, L]
+    weights = mask.to(dtype)
+    per_image = (cross * weights).sum(dim=-1) / weights.sum(dim=-1).clamp(min=1.0)  # [G, N]
+    return per_image.mean()

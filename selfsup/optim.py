@@ -140,3 +140,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         warmup_prefix=True,
         t_in_epochs=False,
     )
+
+
+def weight_decay_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """The weight decay of update `step` (0-based): cosine from `weight_decay` to `weight_decay_end` over the run,
+    without warmup (facebookresearch/dino utils.py cosine_scheduler, as main_dino.py builds wd_schedule)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return cfg.weight_decay_end + 0.5 * (cfg.weight_decay - cfg.weight_decay_end) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> None:
+    """Apply `weight_decay_at` to the decayed parameter groups (those built with weight decay > 0; biases, norms and
+    `no_weight_decay()` names stay at 0). Nothing to do for a constant weight decay."""
+    if cfg.weight_decay_end is None:
+        return
+    value = weight_decay_at(cfg, step, total_steps)
+    for group in optimizer.param_groups:
+        if group.setdefault("scheduled_weight_decay", group["weight_decay"] > 0):  # fixed at the first call
+            group["weight_decay"] = value

@@ -33,6 +33,8 @@ METHODS: dict[str, tuple[dict[str, Any], str | None, dict | None]] = {
     "moco v3": ({"name": "moco", "variant": "v3"}, "moco_v3", None),
     "mae": ({"name": "mae"}, "mae", None),
     "simmim": ({"name": "simmim"}, "simmim", None),
+    "dino": ({"name": "dino"}, "dino", None),
+    "ibot": ({"name": "ibot"}, "ibot", None),
     "linear_probe": ({}, "finetune", tools.linear_probe.DEFAULTS),
     **{f"linear_probe {name}": ({}, "finetune", protocol.recipe()) for name, protocol in PROTOCOLS.items()},
     "finetune": ({}, "finetune", tools.finetune.DEFAULTS),

@@ -13,6 +13,8 @@ BUILTIN_METHODS = {
     "mae": "selfsup.methods.mae:MAE",
     "simmim": "selfsup.methods.simmim:SimMIM",
     "moco": "selfsup.methods.moco:MoCo",
+    "dino": "selfsup.methods.dino:DINO",
+    "ibot": "selfsup.methods.ibot:IBOT",
 }
 
 

@@ -45,6 +45,11 @@ class Method(nn.Module):
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step with progress = step / total_steps in [0, 1]."""
 
+    def on_fit_start(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """Called by the engine before the first forward, after any resume: `step` updates are done of
+        `total_steps`, an epoch is `steps_per_epoch` updates. For schedules a method keeps in epochs (DINO's
+        teacher temperature, its last-layer freeze); default: nothing."""
+
     def backbone_passes(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The backbone work one step of this method makes: (views forwarded with backward, views
         forwarded without gradient, e.g. through a momentum encoder). tools/benchmark.py times the bare
