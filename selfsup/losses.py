@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "nt_xent"]
+__all__ = ["flood", "info_nce", "nt_xent"]
 
 
 def _check_matrix(name: str, x: Tensor) -> None:
@@ -180,3 +180,13 @@ def nt_xent(
         exclude_index=exclude_index,
         normalize=True,
     )
+
+
+def flood(loss: Tensor, level: float | None) -> Tensor:
+    """Flooding (Ishida et al. 2020, Eq. 2): |loss - b| + b. Equal to the loss above the flood level b; below
+    it the gradient is that of -loss (gradient ascent), so the training loss hovers at b instead of reaching 0.
+    `level` None: the loss unchanged. Applied to each (micro-)batch's mean loss, as in the paper.
+    """
+    if level is None:
+        return loss
+    return (loss - level).abs() + level
