@@ -134,3 +134,26 @@ def test_swa_config_errors():
         from_dict({"finetune": {"swa_start_epoch": 1, "swa_schedule": "cosine"}})
     with pytest.raises(ConfigError, match="finetune.swa_start_epoch"):
         from_dict({"finetune": {"swa_start_epoch": -1}})
+
+
+@pytest.mark.slow
+def test_swa_resumed_from_an_epochs_last_step_equals_the_straight_run(tmp_path):
+    # a checkpoint taken at an epoch's last step precedes that epoch's snapshot: the resumed run takes it
+    def run(name, resume="never"):
+        cfg = finetune_cfg(tmp_path, "full")
+        cfg.train.max_steps, cfg.train.epochs, cfg.train.precision = None, 3, "no"
+        cfg.train.checkpoint_every_steps, cfg.train.keep_checkpoints, cfg.train.resume = 2, 0, resume
+        torch.manual_seed(0)
+        model = Classifier(create_backbone("resnet10_small", channels=[8, 8, 8, 8], stem_width=8), num_classes=4)
+        task = SupervisedTask(model, 4, swa_start_epoch=1)
+        fit(task, make_loader(synthetic_images(cfg, augment=True, n=32), cfg.data, seed=0), cfg,
+            make_accelerator(cfg, tmp_path / name), run_dir=tmp_path / name,
+            optimizer=build_finetune_optimizer(model, cfg, 0.01),
+            schedule=lambda base, steps: SWASchedule(base, steps, start_epoch=1, swa_lr=0.004))
+        return task
+
+    straight = run("straight")
+    resumed = run("resumed", resume=str(tmp_path / "straight" / "checkpoints" / "step_00000004"))
+    assert int(straight.swa.n_averaged) == int(resumed.swa.n_averaged) == 2
+    for (name, a), (_, b) in zip(straight.swa.state_dict().items(), resumed.swa.state_dict().items()):
+        assert torch.equal(a, b), name
