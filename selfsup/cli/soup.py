@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     holdout_top1 = {}
+    own_stats = args.weights != "swa"  # an SWA average is saved before its BatchNorm pass: recompute it too
     for ingredient in ingredients:
-        held, test = scores(ingredient.state, "holdout", False), scores(ingredient.state, "test", False)
+        held, test = (scores(ingredient.state, split, not own_stats) for split in ("holdout", "test"))
         holdout_top1[ingredient.name] = held["top1"]
         rows.append({"name": ingredient.name, "kind": "ingredient", "holdout_top1": held["top1"],
                      "test_top1": test["top1"], "test_top5": test["top5"]})
