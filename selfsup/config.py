@@ -66,6 +66,7 @@ class OptimConfig:
     exclude_bias_and_norm: bool = True  # no weight decay on biases, norms, pos-embeds, cls tokens
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
     fused: bool = False  # torch's fused update kernels (sgd, adam, adamw; CUDA and CPU): fewer launches per step
+    flood_level: float | None = None  # flooding (Ishida et al. 2020): train on |loss - b| + b; null: off
 
     def __post_init__(self) -> None:
         # checked here, on the key the user wrote: after batch scaling the optimizer only sees a number
@@ -82,6 +83,8 @@ class OptimConfig:
             raise ConfigError(f"optim.lr_milestones must be increasing epochs > 0, got {list(self.lr_milestones)}.")
         if self.weight_decay_end is not None and self.weight_decay_end < 0:
             raise ConfigError(f"optim.weight_decay_end must be >= 0 (or null: constant weight decay), got {self.weight_decay_end}.")
+        if self.flood_level is not None and not self.flood_level > 0:
+            raise ConfigError(f"optim.flood_level must be > 0 (e.g. 0.05) or null (off), got {self.flood_level}.")
 
 
 @dataclass
@@ -172,6 +175,11 @@ class FinetuneConfig:
     cutmix: float = 0.0  # CutMix alpha (0: off)
     drop_path_rate: float = 0.0  # stochastic depth of the backbone
     ema_decay: float | None = None  # EMA of the weights (timm ModelEmaV3), evaluated alongside; e.g. 0.999
+    # SWA (Izmailov et al. 2018): from this epoch (0-based) on, SWA's lr and a snapshot at each epoch's end; null: off
+    swa_start_epoch: int | None = None
+    swa_lr: float | None = None  # SWA lr per 256 images (scaled like optim.lr); null: optim.lr / 2
+    swa_schedule: str = "constant"  # constant (cosine anneal to swa_lr, then flat) | cyclic (optim.lr -> swa_lr each epoch)
+    swa_anneal_epochs: float = 1.0  # constant: epochs of the cosine anneal from the schedule's rate to swa_lr
 
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
@@ -188,6 +196,14 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"finetune.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {self.ema_decay}.")
+        if self.swa_start_epoch is not None and self.swa_start_epoch < 0:
+            raise ConfigError(f"finetune.swa_start_epoch must be >= 0 (e.g. 3 of 4 epochs) or null (off), got {self.swa_start_epoch}.")
+        if self.swa_lr is not None and not self.swa_lr > 0:
+            raise ConfigError(f"finetune.swa_lr must be > 0 (per 256 images, like optim.lr) or null (optim.lr / 2), got {self.swa_lr}.")
+        if self.swa_schedule not in ("constant", "cyclic"):
+            raise ConfigError(f"finetune.swa_schedule must be constant or cyclic, got {self.swa_schedule!r}.")
+        if self.swa_anneal_epochs < 0:
+            raise ConfigError(f"finetune.swa_anneal_epochs must be >= 0 (0: jump to swa_lr), got {self.swa_anneal_epochs}.")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from selfsup.guards import (  # noqa: F401  (NonFiniteLossError is part of the e
     NonFiniteLossError, _all_finite, _ignore_stop_signals, _NonFiniteWatch, _SignalFlag,
 )
 from selfsup.hardware import choose_precision, loader_workers, plan_parallelism
+from selfsup.losses import flood
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr, set_weight_decay
 from selfsup.sampling import EpochSampler
 
@@ -143,11 +144,15 @@ def fit(
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     batch_transform: Callable[..., Any] | None = None,
+    schedule: Callable[[Any, int], Any] | None = None,
 ) -> FitResult:
     """Train `model` (forward(batch) -> StepOutput) on `loader` as `cfg.train` says; resumable.
 
     `batch_transform(batch, generator=...)`, if given, makes each batch's views on the device before the
     forward (data.augment_on=device), drawing from a generator seeded by (seed, epoch, batch, process).
+    `schedule(scheduler, steps_per_epoch)`, if given, returns the scheduler to step instead of the warmup-cosine
+    one (e.g. SWA's learning rate after its start epoch); it must set the lr from the update count alone, so a
+    resumed run gets the same rates. `model.after_epoch(epoch)`, if the model has it, runs at each epoch's end.
     """
     tcfg = cfg.train
     run_dir = Path(run_dir)
@@ -185,6 +190,8 @@ def fit(
     total_steps = tcfg.max_steps or tcfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps, warmup_steps, steps_per_epoch)
+    if schedule is not None:
+        scheduler = schedule(scheduler, steps_per_epoch)
     # Accumulation enlarges the optimizer's batch only: negatives and BN statistics come from each micro-batch.
     objective_batch = batch_size * world
     accelerator.print(
@@ -204,11 +211,14 @@ def fit(
         accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))
 
     step, epoch, skip = state["step"], state["epoch"], state["batches_in_epoch"]
-    if skip >= batches_per_epoch:  # the checkpoint closed an epoch
+    unwrapped = accelerator.unwrap_model(model)
+    after_epoch = getattr(unwrapped, "after_epoch", None)
+    if skip >= batches_per_epoch:  # saved at the epoch's last step, before its end-of-epoch work: do that now
         epoch, skip = epoch + 1, 0
+        if after_epoch is not None:
+            after_epoch(epoch)
     scheduler.step_update(step + 1)  # the lr of the next update
     set_weight_decay(optimizer, cfg.optim, step, total_steps)  # and its weight decay (optim.weight_decay_end)
-    unwrapped = accelerator.unwrap_model(model)
     if hasattr(unwrapped, "on_fit_start"):
         unwrapped.on_fit_start(step, total_steps, steps_per_epoch)
     metrics_file = run_dir / "metrics.jsonl"
@@ -246,7 +256,7 @@ def fit(
                             continue
                     else:
                         watch.record(out.loss, step + 1)
-                    accelerator.backward(out.loss)
+                    accelerator.backward(flood(out.loss, cfg.optim.flood_level))  # logged: the loss itself
                     if accelerator.sync_gradients and tcfg.clip_grad:
                         accelerator.clip_grad_norm_(model.parameters(), tcfg.clip_grad)
                     optimizer.step()
@@ -302,6 +312,9 @@ def fit(
             skip = 0
             if batch_index >= batches_per_epoch:
                 epoch += 1
+                position = (epoch, 0)  # a checkpoint taken from here on resumes after this end-of-epoch work
+                if after_epoch is not None:
+                    after_epoch(epoch)
                 if evaluate is not None and cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0 and step < total_steps:
                     watch.check()
                     result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))

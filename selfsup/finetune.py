@@ -21,6 +21,7 @@ from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from selfsup.averaging import make_swa_model
 from selfsup.backbones import create_backbone
 from selfsup.config import Config, ConfigError
 from selfsup.methods.base import StepOutput
@@ -124,7 +125,8 @@ class SupervisedTask(nn.Module):
     """The Method-like module the engine trains: forward(batch) -> StepOutput(cross-entropy, metrics).
 
     `model` maps inputs (images, or cached features for the linear probe) to logits. Optional: label
-    smoothing, Mixup/CutMix (timm; soft targets), and an EMA of `model` updated after every step.
+    smoothing, Mixup/CutMix (timm; soft targets), an EMA of `model` updated after every step, and SWA's
+    average of `model` (selfsup/averaging.py) updated at the end of each epoch after `swa_start_epoch`.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class SupervisedTask(nn.Module):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         ema_decay: float | None = None,
+        swa_start_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -154,6 +157,9 @@ class SupervisedTask(nn.Module):
             self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True)
             self.ema.requires_grad_(False)  # not trained, not in the optimizer, not synced by DDP
             self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))  # checkpointed with the EMA
+        self.swa, self.swa_start_epoch = None, swa_start_epoch
+        if swa_start_epoch is not None:
+            self.swa = make_swa_model(model)  # its snapshot count `n_averaged` is a buffer: checkpointed too
 
     def forward(self, batch: Any) -> StepOutput:
         inputs, targets = batch
@@ -174,10 +180,17 @@ class SupervisedTask(nn.Module):
             self.ema_updates += 1
             self.ema.update(self.model, step=int(self.ema_updates))
 
+    @torch.no_grad()
+    def after_epoch(self, epoch: int) -> None:
+        """SWA: a snapshot at the end of every epoch trained at SWA's rate (epochs after swa_start_epoch)."""
+        if self.swa is not None and epoch > self.swa_start_epoch:
+            self.swa.update_parameters(self.model)
+
     def train(self, mode: bool = True) -> SupervisedTask:
         super().train(mode)
-        if self.ema is not None:
-            self.ema.eval()  # the average is only ever evaluated
+        for average in (self.ema, self.swa):
+            if average is not None:
+                average.eval()  # the averages are only ever evaluated
         return self
 
 

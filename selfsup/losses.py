@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "nt_xent", "self_distillation", "masked_self_distillation"]
+__all__ = ["flood", "info_nce", "nt_xent", "self_distillation", "masked_self_distillation"]
 
 
 def _check_matrix(name: str, x: Tensor) -> None:
@@ -221,3 +221,13 @@ def masked_self_distillation(student_logits: Tensor, teacher_probs: Tensor, mask
     weights = mask.to(dtype)
     per_image = (cross * weights).sum(dim=-1) / weights.sum(dim=-1).clamp(min=1.0)  # [G, N]
     return per_image.mean()
+
+
+def flood(loss: Tensor, level: float | None) -> Tensor:
+    """Flooding (Ishida et al. 2020, Eq. 2): |loss - b| + b. Equal to the loss above the flood level b; below
+    it the gradient is that of -loss (gradient ascent), so the training loss hovers at b instead of reaching 0.
+    `level` None: the loss unchanged. Applied to each (micro-)batch's mean loss, as in the paper.
+    """
+    if level is None:
+        return loss
+    return (loss - level).abs() + level
