@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from selfsup.checkpoints import (
@@ -119,6 +120,16 @@ def make_loader(
     an uninterrupted run would; the loader's own generator keeps the global RNG untouched.
     """
     workers = loader_workers(data_cfg)
+    if isinstance(dataset, IterableDataset):  # a ShardStream: it splits the epoch across processes itself
+        from selfsup.distributed import rank, world_size
+
+        dataset.configure(batch_size or data_cfg.batch_size, rank(), world_size())
+        return DataLoader(
+            dataset, batch_size=batch_size or data_cfg.batch_size, num_workers=workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None, drop_last=drop_last,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size or data_cfg.batch_size,
@@ -171,7 +182,13 @@ def fit(
     if tcfg.compile:
         model.compile()  # in place: parameter names (and exported keys) stay the same
 
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    stream = dataset if isinstance(dataset, IterableDataset) else None  # positioned by set_position, not a sampler
+    if stream is None:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    else:  # already split per process: Accelerate only places batches (no sharding, no dispatch)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True,
+                                     dispatch_batches=False, non_blocking=torch.cuda.is_available())
     batches_per_epoch = len(loader)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     if batches_per_epoch == 0:
@@ -227,7 +244,11 @@ def fit(
                 loader.set_epoch(epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            if stream is not None:  # a stream starts at the batch itself: nothing is read twice
+                stream.set_position(epoch, skip)
+                batches = loader
+            else:
+                batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             batch_index = skip
             for batch in batches:
                 batch_index += 1

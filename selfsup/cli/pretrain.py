@@ -117,7 +117,13 @@ def build_monitor(cfg, device, bf16: bool = False):
     from selfsup.evaluation import KNNMonitor
     from selfsup.hardware import loader_workers
 
+    from selfsup.data import STREAMED
+
     dataset = cfg.eval.dataset or cfg.data.dataset
+    if dataset in STREAMED:
+        print(f"[selfsup] {dataset} data is streamed: no kNN monitor (set eval.dataset and eval.root to a labelled "
+              "set read item by item, e.g. the image folder the shards were made from)")
+        return None
     root = cfg.eval.root if cfg.eval.dataset else (cfg.eval.root or cfg.data.root)
     train_set, test_set = build_labelled_pair(
         dataset, root=root, image_size=cfg.data.image_size, in_chans=in_chans(cfg),
@@ -188,8 +194,8 @@ def with_reconstructions(monitor, method, cfg, train_set, info, run_dir):
     from selfsup.sampling import ViewDataset
     from selfsup.transforms import build_eval_transform
 
-    if type(method).reconstruct is Method.reconstruct:
-        return monitor
+    if type(method).reconstruct is Method.reconstruct or (monitor is None and not hasattr(train_set, "base")):
+        return monitor  # nothing to reconstruct, or no image set to draw fixed images from (streamed data)
     if monitor is not None:
         source = monitor.loaders[1].dataset
     else:
