@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from selfsup.checkpoints import list_checkpoints
 from selfsup.config import ConfigError
 from selfsup.shards import INDEX_FILE, index_shards, read_index, write_shards
 from selfsup.streaming import ShardStream, epoch_blocks, process_slice
+from tests.conftest import tiny_config_dict, write_config
+from tests.multiproc import WORKERS_DIR, run_workers
+from tests.test_reliability import SLOW, assert_same_weights, final_weights, run_cli, wait_for_step
 
 pytest.importorskip("webdataset")
 
@@ -39,14 +42,14 @@ def pixel(image: Image.Image) -> torch.Tensor:
     return torch.tensor(image.getpixel((0, 0)))
 
 
-def uneven_shards(root: Path, lengths: list[int]) -> Path:
-    """Shards of the given lengths; sample k of the split is the image numbered k (label = number % 3)."""
+def uneven_shards(root: Path, lengths: list[int], label=lambda n: n % 3) -> Path:
+    """Shards of the given lengths; sample k of the split is the image numbered k, labelled label(k)."""
     root.mkdir(parents=True, exist_ok=True)
     number = 0
     for s, n in enumerate(lengths):
         with tarfile.open(root / f"train-{s:06d}.tar", "w") as tar:
             for _ in range(n):
-                for ext, data in (("png", png_bytes(number)), ("cls", str(number % 3).encode())):
+                for ext, data in (("png", png_bytes(number)), ("cls", str(label(number)).encode())):
                     info = tarfile.TarInfo(f"{number:08d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, __import__("io").BytesIO(data))
@@ -171,3 +174,53 @@ def test_make_shards_round_trip_keeps_bytes_and_labels(tmp_path):
     assert got == labels
     with pytest.raises(ConfigError, match="no split 'val'"):
         read_index(tmp_path / "out", "val")
+
+
+# -- real processes and pretrain.py ---------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~10 s of launch on an idle 2-core machine (56 s wall under a load of 15)
+def test_two_real_processes_split_an_epoch_exactly(tmp_path):
+    shards = uneven_shards(tmp_path / "shards", [5, 4, 3])  # 12 = 2 processes x 2 batches x 3
+    run_workers(WORKERS_DIR / "stream_worker.py", shards, tmp_path)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and set(record["checks"].values()) == {"ok"}, record
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_at_the_sample_it_stopped(tmp_path):
+    shards = uneven_shards(tmp_path / "shards", [13, 9, 17, 11, 10], label=lambda n: n)  # 60 samples: label = number
+    cfg = tiny_config_dict(
+        tmp_path, method={**SLOW, "name": "tests.fault_methods:RecordingSimCLR"},
+        data={"dataset": "webdataset", "root": str(shards), "batch_size": 8, "num_workers": 2},
+        train={"max_steps": 14, "checkpoint_every_steps": 2, "run_name": "run"},  # 7 steps per epoch
+    )
+    records = {}
+    for name in ("straight", "killed"):
+        cfg["train"]["run_name"] = name
+        config = write_config(tmp_path, cfg, f"{name}.yaml")
+        run_dir = tmp_path / "runs" / name
+        env = {"SELFSUP_TEST_RECORD": str(tmp_path / f"{name}.jsonl")}
+        if name == "killed":
+            proc = run_cli(config, sleep=0.3, env=env)
+            wait_for_step(proc, run_dir, 11)  # in the second epoch
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+            resumed_at = max(int(p.name.split("_")[1]) for p in list_checkpoints(run_dir / "checkpoints"))
+            assert 10 <= resumed_at < 14
+            before = read_batches(tmp_path / f"{name}.jsonl")[:resumed_at]
+            (tmp_path / f"{name}.jsonl").unlink()
+        proc = run_cli(config, env=env)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        records[name] = (before if name == "killed" else []) + read_batches(tmp_path / f"{name}.jsonl")
+        records[name + "_weights"] = final_weights(run_dir)
+    assert records["killed"] == records["straight"] and len(records["straight"]) == 14
+    epoch = [n for batch in records["straight"][:7] for n in batch]
+    assert len(set(epoch)) == len(epoch) == 56  # one epoch: 56 of the 60 samples, none twice
+    assert_same_weights(records["killed_weights"], records["straight_weights"])
+
+
+def read_batches(path: Path) -> list[list[int]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
