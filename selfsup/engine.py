@@ -35,6 +35,7 @@ from selfsup.guards import (  # noqa: F401  (NonFiniteLossError is part of the e
 from selfsup.hardware import choose_precision, loader_workers, plan_parallelism
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr
 from selfsup.sampling import EpochSampler
+from selfsup.sharding import fsdp_requested_but_off, gather_full_model, is_sharded, unsharded_copy
 
 
 class TrainingInterrupted(RuntimeError):
@@ -53,6 +54,7 @@ class FitResult:
     last_loss: float | None
     skipped_nonfinite: int = 0
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    full_model: nn.Module | None = None  # FSDP: the trained weights gathered on the main process (what export saves)
 
 
 def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelerator:
@@ -77,6 +79,9 @@ def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelera
     if precision.warning:
         accelerator.print(f"[selfsup] warning: {precision.warning}")
     accelerator.print(f"[selfsup] {precision.describe()}; {parallelism.describe()}")
+    if fsdp_requested_but_off(accelerator):
+        accelerator.print("[selfsup] warning: the launch config asks for FSDP, which Accelerate enables on GPUs only; "
+                          f"these {accelerator.distributed_type.value} processes train with DDP (full copies)")
     return accelerator
 
 
@@ -182,6 +187,7 @@ def fit(
     if tcfg.compile:
         model.compile()  # in place: parameter names (and exported keys) stay the same
 
+    shadow = unsharded_copy(model, accelerator)  # FSDP: what evaluation and export gather the full weights into
     stream = dataset if isinstance(dataset, IterableDataset) else None  # positioned by set_position, not a sampler
     if stream is None:
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -319,7 +325,7 @@ def fit(
                 epoch += 1
                 if evaluate is not None and cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0 and step < total_steps:
                     watch.check()
-                    result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
+                    result.eval_history.append(_run_evaluation(evaluate, model, shadow, accelerator, step, epoch, metrics_file))
                     model.train()
             elif step >= total_steps:
                 break
@@ -331,8 +337,10 @@ def fit(
     if step != last_saved:
         _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
     if evaluate is not None and cfg.eval.at_end:
-        result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
+        result.eval_history.append(_run_evaluation(evaluate, model, shadow, accelerator, step, epoch, metrics_file))
     result.steps, result.epochs_completed = step, epoch
+    if is_sharded(accelerator):  # every process takes part in the gather; the main one keeps the weights
+        result.full_model = gather_full_model(accelerator, model, shadow)
     return result
 
 
@@ -351,11 +359,17 @@ def _checkpoint(accelerator, ckpt_root, step, position, result: FitResult, keep:
 # helpers
 
 
-def _run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file) -> dict[str, Any]:
-    """Evaluation runs on the main process only (a kNN monitor is cheap); the others wait."""
+def _run_evaluation(evaluate, model, shadow, accelerator, step, epoch, metrics_file) -> dict[str, Any]:
+    """Evaluation runs on the main process only (a kNN monitor is cheap); the others wait. Under FSDP all of them
+    first gather the full weights into the main process's unsharded copy, which is evaluated on the device."""
     record: dict[str, Any] = {"step": step, "epoch": epoch}
+    full = gather_full_model(accelerator, model, shadow)
     if accelerator.is_main_process:
-        record.update(evaluate(unwrapped))
+        if full is shadow:
+            full.to(accelerator.device)
+        record.update(evaluate(full))
+        if full is shadow:
+            full.cpu()
         accelerator.print(f"[selfsup] eval at step {step}: " + json.dumps(record))
         _append_jsonl(metrics_file, record)
     accelerator.wait_for_everyone()

@@ -87,8 +87,9 @@ def run_pretraining(cfg) -> dict[str, Any]:
         summary.update(baselines(cfg, monitor, accelerator.device))
     final_time = time.perf_counter() - final_start
     if accelerator.is_main_process:
+        trained = result.full_model or method  # FSDP: the weights gathered from every process's shards
         save_encoder(
-            method.encoder,  # prepare() wrapped this same module; its weights are the trained ones
+            trained.encoder,  # else prepare() wrapped this same module; its weights are the trained ones
             run_dir / "encoder",
             method=cfg.method.name,
             run={"run_dir": str(run_dir), "steps": result.steps},
