@@ -224,3 +224,29 @@ def test_a_run_killed_mid_epoch_resumes_at_the_sample_it_stopped(tmp_path):
 
 def read_batches(path: Path) -> list[list[int]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_make_shards_tool_and_index_only(tmp_path, capsys):
+    import tools.make_shards
+
+    image_folder(tmp_path / "src", {"a": 3, "b": 4})
+    tools.make_shards.main([str(tmp_path / "src"), str(tmp_path / "out"), "--shard-size", "4"])
+    assert "train: 7 samples in 2 shards" in capsys.readouterr().out
+    (tmp_path / "out" / INDEX_FILE).unlink()
+    assert tools.make_shards.main(["--index-only", str(tmp_path / "out")])["splits"]["train"]["shard_lengths"] == [4, 3]
+
+
+def test_missing_library_and_unsupported_keys_are_one_line_config_errors(shards, tmp_path, monkeypatch):
+    from selfsup.builders import build_pretraining
+    from selfsup.config import from_dict
+    from selfsup.data import build_dataset
+    from selfsup.shards import import_webdataset
+
+    cfg = tiny_config_dict(tmp_path, data={"dataset": "webdataset", "root": str(shards), "subset": 10})
+    with pytest.raises(ConfigError, match="data.subset"):
+        build_pretraining(from_dict(cfg))
+    with pytest.raises(ConfigError, match="eval.dataset"):
+        build_dataset("webdataset", root=shards)
+    monkeypatch.setitem(__import__("sys").modules, "webdataset", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r'pip install "selfsup\[stream\]"'):
+        import_webdataset()
