@@ -87,7 +87,7 @@ def run_pretraining(cfg) -> dict[str, Any]:
         summary.update(baselines(cfg, monitor, accelerator.device))
     final_time = time.perf_counter() - final_start
     if accelerator.is_main_process:
-        trained = result.full_model or method  # FSDP: the weights gathered from every process's shards
+        trained = result.full_model if result.full_model is not None else method  # FSDP: the weights gathered from every process's shards
         save_encoder(
             trained.encoder,  # else prepare() wrapped this same module; its weights are the trained ones
             run_dir / "encoder",
