@@ -11,7 +11,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import read_losses, tiny_config_dict, write_config
+from tests.conftest import ROOT, read_losses, tiny_config_dict, write_config
 from tests.multiproc import WORKERS_DIR, run_workers
 
 TINY_VIT = {"name": "vit_tiny_patch4", "kwargs": {"img_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}}
@@ -54,3 +54,13 @@ def test_fsdp_matches_ddp_and_exports_what_timm_loads(tmp_path, method):
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-5)
     assert json.loads((runs["fsdp"] / "summary.json").read_text())["steps"] == 4
+
+
+def test_the_fsdp_launch_config_is_one_accelerate_reads_as_fsdp2():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(ROOT / "configs" / "accelerate" / "fsdp.yaml")
+    assert config.distributed_type == "FSDP" and config.fsdp_config["fsdp_version"] == 2
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "Block"
+    block = type(timm.create_model("vit_tiny_patch16_224", device="meta").blocks[0]).__name__
+    assert block == "Block"  # the class the config wraps is timm's ViT block
