@@ -32,6 +32,7 @@ __all__ = [
     "DatasetInfo",
     "dataset_info",
     "build_dataset",
+    "is_streamed",
     "load_image",
     "to_8bit",
     "read_idx",
@@ -79,6 +80,11 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, DATASETS, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown dataset {name!r}.{hint} Valid: {', '.join(DATASETS)}")
+
+
+def is_streamed(name: str, root: str | os.PathLike | None) -> bool:
+    """Read as a stream by pretraining (selfsup/streaming.py): webdataset shards, and hf data at a URL."""
+    return name in STREAMED or (name == "hf" and root is not None and "://" in str(root))
 
 
 def dataset_info(name: str) -> DatasetInfo:

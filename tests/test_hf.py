@@ -81,3 +81,57 @@ def test_pretraining_reads_it_through_the_epoch_sampler(saved, tmp_path):
     _, train_set, _ = build_pretraining(cfg)
     batch, labels = next(iter(make_loader(train_set, cfg.data, seed=0)))
     assert len(batch) == 2 and batch[0].shape == (4, 3, 8, 8) and labels.shape == (4,)
+
+
+# -- streaming: a URL data.root -------------------------------------------------------------------
+
+
+def number(image) -> torch.Tensor:
+    return torch.tensor(image.getpixel((0, 0)))
+
+
+def seen(stream, workers: int, epoch: int = 0, start: int = 0) -> list[list[int]]:
+    from torch.utils.data import DataLoader
+
+    stream.set_position(epoch, start)
+    return [b[0].tolist() for b in DataLoader(stream, batch_size=stream.batch_size, num_workers=workers)]
+
+
+@pytest.fixture(scope="module")
+def parquet_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    offset = 0
+    for k, n in enumerate((5, 4, 3)):  # 12 rows in 3 uneven files; row i holds image number i
+        table(n, offset=offset).to_parquet(str(root / f"train-{k:05d}.parquet"))
+        offset += n
+    return f"file://{root}"
+
+
+def test_a_url_root_streams_its_parquet_files_exactly_once_per_epoch(parquet_url):
+    from selfsup.hf import ParquetStream
+
+    assert ParquetStream(parquet_url, "train", number).index.lengths == (5, 4, 3)
+    for world in (1, 2):
+        orders = []
+        for workers in (0, 2):
+            batches = []
+            for rank in range(world):
+                batches += seen(ParquetStream(parquet_url, "train", number, seed=2).configure(3, rank, world), workers)
+            orders.append(batches)
+            assert sorted(n for b in batches for n in b) == list(range(12))
+        assert orders[0] == orders[1]
+    whole = seen(ParquetStream(parquet_url, "train", number, seed=2).configure(3), 0, epoch=1)
+    assert seen(ParquetStream(parquet_url, "train", number, seed=2).configure(3), 2, epoch=1, start=2) == whole[2:]
+
+
+def test_pretraining_streams_a_url_root_and_evaluation_asks_for_eval_dataset(parquet_url, tmp_path):
+    from selfsup.data import build_dataset
+    from selfsup.hf import ParquetStream
+
+    cfg = from_dict(tiny_config_dict(tmp_path, data={"dataset": "hf", "root": parquet_url, "batch_size": 4, "image_size": 8}))
+    _, train_set, _ = build_pretraining(cfg)
+    assert isinstance(train_set, ParquetStream)
+    batch, labels = next(iter(make_loader(train_set, cfg.data, seed=0)))
+    assert batch[0].shape == (4, 3, 8, 8) and labels.shape == (4,)
+    with pytest.raises(ConfigError, match="eval.dataset"):
+        build_dataset("hf", root=parquet_url)

@@ -118,10 +118,10 @@ def build_monitor(cfg, device, bf16: bool = False):
     from selfsup.evaluation import KNNMonitor
     from selfsup.hardware import loader_workers
 
-    from selfsup.data import STREAMED
+    from selfsup.data import is_streamed
 
     dataset = cfg.eval.dataset or cfg.data.dataset
-    if dataset in STREAMED:
+    if cfg.eval.dataset is None and is_streamed(dataset, cfg.data.root):
         print(f"[selfsup] {dataset} data is streamed: no kNN monitor (set eval.dataset and eval.root to a labelled "
               "set read item by item, e.g. the image folder the shards were made from)")
         return None
