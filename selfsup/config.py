@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # image_folder | cifar10 | cifar100 | stl10 | fashion_mnist | synthetic
-    root: str | None = None  # dataset directory; None: the dataset's default location
+    dataset: str = "synthetic"  # image_folder | cifar10 | cifar100 | stl10 | fashion_mnist | synthetic | webdataset (tar shards) | hf
+    root: str | None = None  # dataset directory (webdataset: the shards and _info.json, or their URL; hf: save_to_disk / parquet folder or Hub name); None: the default location
     split: str = "train"
     download: bool = False  # allow torchvision to download (never needed for fashion_mnist on Debian)
     subset: int | None = None  # use a fixed random subset of this many images (quick runs)

@@ -17,9 +17,10 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from selfsup.checkpoints import (
@@ -35,6 +36,7 @@ from selfsup.hardware import choose_precision, loader_workers, plan_parallelism
 from selfsup.losses import flood
 from selfsup.optim import build_optimizer, build_scheduler, scaled_lr, set_weight_decay
 from selfsup.sampling import EpochSampler
+from selfsup.sharding import fsdp_requested_but_off, gather_full_model, is_sharded, unsharded_copy
 
 
 class TrainingInterrupted(RuntimeError):
@@ -53,6 +55,7 @@ class FitResult:
     last_loss: float | None
     skipped_nonfinite: int = 0
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    full_model: nn.Module | None = None  # FSDP: the trained weights gathered on the main process (what export saves)
 
 
 def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelerator:
@@ -77,6 +80,9 @@ def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelera
     if precision.warning:
         accelerator.print(f"[selfsup] warning: {precision.warning}")
     accelerator.print(f"[selfsup] {precision.describe()}; {parallelism.describe()}")
+    if fsdp_requested_but_off(accelerator):
+        accelerator.print("[selfsup] warning: the launch config asks for FSDP, which Accelerate enables on GPUs only; "
+                          f"these {accelerator.distributed_type.value} processes train with DDP (full copies)")
     return accelerator
 
 
@@ -120,6 +126,16 @@ def make_loader(
     an uninterrupted run would; the loader's own generator keeps the global RNG untouched.
     """
     workers = loader_workers(data_cfg)
+    if isinstance(dataset, IterableDataset):  # a ShardStream: it splits the epoch across processes itself
+        from selfsup.distributed import rank, world_size
+
+        dataset.configure(batch_size or data_cfg.batch_size, rank(), world_size())
+        return DataLoader(
+            dataset, batch_size=batch_size or data_cfg.batch_size, num_workers=workers,
+            pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None, drop_last=drop_last,
+            worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size or data_cfg.batch_size,
@@ -176,7 +192,14 @@ def fit(
     if tcfg.compile:
         model.compile()  # in place: parameter names (and exported keys) stay the same
 
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    shadow = unsharded_copy(model, accelerator)  # FSDP: what evaluation and export gather the full weights into
+    stream = dataset if isinstance(dataset, IterableDataset) else None  # positioned by set_position, not a sampler
+    if stream is None:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    else:  # already split per process: Accelerate only places batches (no sharding, no dispatch)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        loader = prepare_data_loader(loader, accelerator.device, num_processes=1, process_index=0, put_on_device=True,
+                                     dispatch_batches=False, non_blocking=torch.cuda.is_available())
     batches_per_epoch = len(loader)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulate)
     if batches_per_epoch == 0:
@@ -240,7 +263,11 @@ def fit(
                 loader.set_epoch(epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch)
-            batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+            if stream is not None:  # a stream starts at the batch itself: nothing is read twice
+                stream.set_position(epoch, skip)
+                batches = loader
+            else:
+                batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             batch_index = skip
             for batch in batches:
                 batch_index += 1
@@ -317,7 +344,7 @@ def fit(
                     after_epoch(epoch)
                 if evaluate is not None and cfg.eval.every_epochs and epoch % cfg.eval.every_epochs == 0 and step < total_steps:
                     watch.check()
-                    result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
+                    result.eval_history.append(_run_evaluation(evaluate, model, shadow, accelerator, step, epoch, metrics_file))
                     model.train()
             elif step >= total_steps:
                 break
@@ -329,8 +356,10 @@ def fit(
     if step != last_saved:
         _checkpoint(accelerator, ckpt_root, step, position, result, tcfg.keep_checkpoints)
     if evaluate is not None and cfg.eval.at_end:
-        result.eval_history.append(_run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file))
+        result.eval_history.append(_run_evaluation(evaluate, model, shadow, accelerator, step, epoch, metrics_file))
     result.steps, result.epochs_completed = step, epoch
+    if is_sharded(accelerator):  # every process takes part in the gather; the main one keeps the weights
+        result.full_model = gather_full_model(accelerator, model, shadow)
     return result
 
 
@@ -349,11 +378,17 @@ def _checkpoint(accelerator, ckpt_root, step, position, result: FitResult, keep:
 # helpers
 
 
-def _run_evaluation(evaluate, unwrapped, accelerator, step, epoch, metrics_file) -> dict[str, Any]:
-    """Evaluation runs on the main process only (a kNN monitor is cheap); the others wait."""
+def _run_evaluation(evaluate, model, shadow, accelerator, step, epoch, metrics_file) -> dict[str, Any]:
+    """Evaluation runs on the main process only (a kNN monitor is cheap); the others wait. Under FSDP all of them
+    first gather the full weights into the main process's unsharded copy, which is evaluated on the device."""
     record: dict[str, Any] = {"step": step, "epoch": epoch}
+    full = gather_full_model(accelerator, model, shadow)
     if accelerator.is_main_process:
-        record.update(evaluate(unwrapped))
+        if full is shadow:
+            full.to(accelerator.device)
+        record.update(evaluate(full))
+        if full is shadow:
+            full.cpu()
         accelerator.print(f"[selfsup] eval at step {step}: " + json.dumps(record))
         _append_jsonl(metrics_file, record)
     accelerator.wait_for_everyone()
