@@ -13,6 +13,9 @@ BUILTIN_METHODS = {
     "mae": "selfsup.methods.mae:MAE",
     "simmim": "selfsup.methods.simmim:SimMIM",
     "moco": "selfsup.methods.moco:MoCo",
+    "byol": "selfsup.methods.byol:BYOL",
+    "barlow_twins": "selfsup.methods.barlow_twins:BarlowTwins",
+    "vicreg": "selfsup.methods.vicreg:VICReg",
 }
 
 
