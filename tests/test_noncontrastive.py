@@ -10,12 +10,15 @@ import torch
 from torch import Tensor
 from torch.testing import assert_close
 
+from selfsup.batchnorm import GlobalBatchNorm
 from selfsup.builders import build_pretraining, run_dir_for
 from selfsup.config import ConfigError, from_dict
 from selfsup.engine import fit, make_accelerator, make_loader
 from selfsup.export import load_encoder, save_encoder
 from selfsup.losses import barlow_twins_loss, byol_loss, cross_correlation, vicreg_loss, vicreg_terms
+from selfsup.methods.barlow_twins import BarlowTwins, BarlowTwinsConfig
 from selfsup.methods.byol import BYOL, BYOLConfig
+from selfsup.methods.vicreg import VICReg, VICRegConfig
 from selfsup.momentum import cosine_momentum
 from tests.conftest import read_losses, tiny_config_dict
 from tests.multiproc import WORKERS_DIR, run_workers
@@ -147,6 +150,26 @@ def test_byol_target_gets_no_gradient_and_follows_the_cosine_ema() -> None:
     frozen = [p.clone() for p in target]
     model.after_step(1.0)
     assert all(torch.equal(a, b) for a, b in zip(frozen, target))
+
+
+@pytest.mark.parametrize("cls, config", [
+    (BYOL, lambda **kw: BYOLConfig(proj_hidden_dim=8, proj_out_dim=4, pred_hidden_dim=8, **kw)),
+    (BarlowTwins, lambda **kw: BarlowTwinsConfig(proj_hidden_dim=8, proj_out_dim=4, **kw)),
+    (VICReg, lambda **kw: VICRegConfig(proj_hidden_dim=8, proj_out_dim=4, **kw)),
+])
+def test_sync_bn_makes_every_batch_norm_global_and_unset_keeps_plain_bn_on_one_process(cls, config) -> None:
+    def norms(model):
+        return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    synced = cls(tiny_backbone(), config(sync_bn=True))
+    assert len(norms(synced)) >= 2 and all(isinstance(m, GlobalBatchNorm) for m in norms(synced))
+    plain = cls(tiny_backbone(), config())  # unset: global BN only with several processes
+    assert not any(isinstance(m, GlobalBatchNorm) for m in norms(plain))
+    assert synced.state_dict().keys() == plain.state_dict().keys()  # exported weights keep their names
+    x = [torch.randn(6, 3, 6, 6), torch.randn(6, 3, 6, 6)]
+    torch.manual_seed(0)
+    plain.load_state_dict(synced.state_dict())
+    assert_close(synced((x, None)).loss, plain((x, None)).loss)  # one process: global BN is plain BN
 
 
 # -- configs ----------------------------------------------------------------------------------------
