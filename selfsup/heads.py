@@ -16,10 +16,13 @@ def mlp(
     *,
     batch_norm: bool = True,
     last_batch_norm: bool = False,
+    last_bias: bool | None = None,
 ) -> nn.Sequential:
     """Linear-(BN)-ReLU blocks then a final Linear; SimCLR / MoCo v2 / v3 heads differ only in these flags.
 
     With `last_batch_norm` the output gets a BN without affine parameters (MoCo v3 / SimCLR v2 style).
+    `last_bias`: a bias on the final Linear; None: only without `last_batch_norm` (BYOL, Barlow Twins and
+    VICReg end in a Linear without bias and no BN).
     """
     if num_layers < 1:
         raise ValueError(f"an MLP head needs num_layers >= 1, got {num_layers}")
@@ -31,7 +34,7 @@ def mlp(
             layers.append(nn.BatchNorm1d(hidden_dim))
         layers.append(nn.ReLU(inplace=True))
         dim = hidden_dim
-    layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
+    layers.append(nn.Linear(dim, out_dim, bias=not last_batch_norm if last_bias is None else last_bias))
     if last_batch_norm:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)

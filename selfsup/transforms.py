@@ -58,6 +58,11 @@ _SIMCLR_IMAGENET = {
     "jitter_p": 0.8, "brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2, "grayscale_p": 0.2, "blur_p": 0.5,
 }
 
+# BYOL's asymmetric views: view 1 always blurred, view 2 rarely blurred and sometimes solarised.
+_BYOL = {
+    "jitter_p": 0.8, "saturation": 0.2, "grayscale_p": 0.2, "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2),
+}
+
 # A tuple of scalars (or of pairs, for range keys) gives one entry per view (asymmetric recipes);
 # presets cycle it when num_views differs.
 VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType({
@@ -75,10 +80,9 @@ VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyTy
         # ImageNet ops with the jitter not strengthened (0.4, 0.4, 0.4, 0.1) and crops from 20%, at any size.
         "moco_v2": {"crop_scale": (0.2, 1.0), "jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
         # MoCo v3 (Chen et al. 2021) = BYOL's asymmetric views (Grill et al. 2020, Table 6).
-        "moco_v3": {
-            "jitter_p": 0.8, "saturation": 0.2, "grayscale_p": 0.2,
-            "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2),
-        },
+        "moco_v3": _BYOL,
+        # BYOL (Table 6), also Barlow Twins' and VICReg's (barlowtwins main.py Transform, vicreg augmentations.py).
+        "byol": _BYOL,
         # MAE (He et al. 2022): random resized crop + flip only.
         "mae": {"num_views": 1, "crop_scale": (0.2, 1.0)},
         # SimMIM (Xie et al. 2022): mild crops + flip.

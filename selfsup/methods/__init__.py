@@ -15,6 +15,9 @@ BUILTIN_METHODS = {
     "moco": "selfsup.methods.moco:MoCo",
     "dino": "selfsup.methods.dino:DINO",
     "ibot": "selfsup.methods.ibot:IBOT",
+    "byol": "selfsup.methods.byol:BYOL",
+    "barlow_twins": "selfsup.methods.barlow_twins:BarlowTwins",
+    "vicreg": "selfsup.methods.vicreg:VICReg",
 }
 
 
