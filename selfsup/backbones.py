@@ -272,3 +272,10 @@ def _vit_tiny_patch4(**kwargs: Any) -> nn.Module:
 @register_backbone("vit_small_patch4")
 def _vit_small_patch4(**kwargs: Any) -> nn.Module:
     return _timm_backbone("vit_small_patch16_224", **{"patch_size": 4, "img_size": 32, **kwargs})
+
+
+# Swin with 2 px patches and 4 x 4 windows (timm's Swin-T otherwise): a 32 px image gives a 16x16 patch grid,
+# then 8, 4 and 2 after the three patch merges (stride 16), small enough for CPU runs of SimMIM on Swin.
+@register_backbone("swin_tiny_patch2_window4")
+def _swin_tiny_patch2_window4(**kwargs: Any) -> nn.Module:
+    return _timm_backbone("swin_tiny_patch4_window7_224", **{"patch_size": 2, "window_size": 4, "img_size": 32, **kwargs})

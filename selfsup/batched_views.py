@@ -248,11 +248,16 @@ def build_batched_views(
     num_views: int | None = None,
     **overrides: Any,
 ) -> BatchedViews:
-    """Same arguments and checks as `transforms.build_views`, for uint8 batches on any device."""
+    """Same arguments and checks as `transforms.build_views`, for uint8 batches on any device (views of several
+    sizes, i.e. multi-crop: a `multicrop.MultiSizeViews` with the same interface)."""
     resolved = build_views(preset, image_size=image_size, mean=mean, std=std, in_chans=in_chans,
                            num_views=num_views, **overrides).params
     mean, std = _stats(mean, std, in_chans)
-    return BatchedViews(resolved, image_size, mean, std, in_chans)
+    if any(p["crop_size"] != resolved[0]["crop_size"] for p in resolved):  # multi-crop: views of several sizes
+        from selfsup.multicrop import MultiSizeViews
+
+        return MultiSizeViews(resolved, mean, std, in_chans)
+    return BatchedViews(resolved, resolved[0]["crop_size"], mean, std, in_chans)
 
 
 class UInt8Images:

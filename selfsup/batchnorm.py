@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["SplitBatchNorm", "convert_split_batchnorm", "GlobalBatchNorm", "convert_global_batchnorm",
+__all__ = ["SplitBatchNorm", "convert_split_batchnorm", "GlobalBatchNorm", "convert_global_batchnorm", "make_batchnorm_global",
            "shuffle_rows", "unshuffle_rows"]
 
 
@@ -128,6 +128,18 @@ def convert_global_batchnorm(module: nn.Module) -> nn.Module:
     (state-dict keys unchanged); returns the module, like `nn.SyncBatchNorm.convert_sync_batchnorm`."""
     return _convert(module, lambda bn: GlobalBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum,
                                                        affine=bn.affine, track_running_stats=bn.track_running_stats))
+
+
+def make_batchnorm_global(module: nn.Module) -> nn.Module:
+    """Every BN under `module` normalises over the global batch: SyncBatchNorm on accelerator process groups,
+    GlobalBatchNorm on CPU ones (gloo, where SyncBatchNorm has no kernel) and without a process group. In place."""
+    import torch.distributed as dist
+
+    from selfsup.distributed import is_distributed
+
+    if is_distributed() and dist.get_backend() != "gloo":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_global_batchnorm(module)
 
 
 def convert_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from selfsup.backbones import create_backbone
 from selfsup.batched_views import BatchedViews, UInt8Images, build_batched_views
 from selfsup.config import Config, ConfigError, EvalConfig, from_dict, to_dict
-from selfsup.data import DatasetInfo, build_dataset, dataset_info
+from selfsup.data import DatasetInfo, build_dataset, dataset_info, is_streamed
 from selfsup.splits import build_train_test
 from selfsup.methods import Method, build_method
 from selfsup.sampling import ViewDataset
@@ -161,6 +161,8 @@ def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:
     else:
         views = build_views(cfg.data.preset or method.views, **_view_kwargs(cfg, info))
         transform = method.view_transform(views)
+    if is_streamed(cfg.data.dataset, cfg.data.root):
+        return method, build_stream(cfg, transform), info
     base = build_dataset(
         cfg.data.dataset,
         root=cfg.data.root,
@@ -173,6 +175,24 @@ def build_pretraining(cfg: Config) -> tuple[Method, Dataset, DatasetInfo]:
         num_classes=cfg.data.num_classes,
     )
     return method, ViewDataset(base, transform, seed=cfg.train.seed), info
+
+
+def build_stream(cfg: Config, transform) -> Dataset:
+    """data.dataset=webdataset (the shards under data.root) or hf with a URL data.root (its parquet files): a
+    ShardStream of split data.split."""
+    from selfsup.shards import read_index
+    from selfsup.streaming import ShardStream
+
+    if cfg.data.subset is not None:
+        raise ConfigError(f"data.subset is not available for streamed {cfg.data.dataset} data; set data.subset=null "
+                          "and write the shards of a smaller folder (tools/make_shards.py)")
+    if cfg.data.dataset == "hf":
+        from selfsup.hf import ParquetStream
+
+        return ParquetStream(cfg.data.root, cfg.data.split, transform, seed=cfg.train.seed)
+    if cfg.data.root is None:
+        raise ConfigError("data.dataset=webdataset needs data.root: the directory (or URL) of the shards and _info.json")
+    return ShardStream(read_index(cfg.data.root, cfg.data.split), transform, seed=cfg.train.seed)
 
 
 def build_batch_transform(cfg: Config, method: Method, info: DatasetInfo) -> BatchedViews | None:

@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "synthetic"  # image_folder | cifar10 | cifar100 | stl10 | fashion_mnist | synthetic
-    root: str | None = None  # dataset directory; None: the dataset's default location
+    dataset: str = "synthetic"  # image_folder | cifar10 | cifar100 | stl10 | fashion_mnist | synthetic | webdataset (tar shards) | hf
+    root: str | None = None  # dataset directory (webdataset: the shards and _info.json, or their URL; hf: save_to_disk / parquet folder or Hub name); None: the default location
     split: str = "train"
     download: bool = False  # allow torchvision to download (never needed for fashion_mnist on Debian)
     subset: int | None = None  # use a fixed random subset of this many images (quick runs)
@@ -54,13 +54,19 @@ class OptimConfig:
     lr: float = 0.3  # base learning rate for a global batch of 256 (see lr_scaling)
     lr_scaling: str = "linear"  # linear: lr * global_batch / 256 | sqrt | none
     weight_decay: float = 1e-4
+    weight_decay_end: float | None = None  # cosine from weight_decay to this over the run (DINO, iBOT); None: constant
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 10.0
     min_lr: float = 0.0
+    # after warmup: cosine to min_lr | step: lr x 0.1 at each of lr_milestones (epochs from the start; MoCo's
+    # linear probe, facebookresearch/moco main_lincls.py: x 0.1 at epochs 60 and 80)
+    schedule: str = "cosine"
+    lr_milestones: list[float] = field(default_factory=list)
     exclude_bias_and_norm: bool = True  # no weight decay on biases, norms, pos-embeds, cls tokens
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
     fused: bool = False  # torch's fused update kernels (sgd, adam, adamw; CUDA and CPU): fewer launches per step
+    flood_level: float | None = None  # flooding (Ishida et al. 2020): train on |loss - b| + b; null: off
 
     def __post_init__(self) -> None:
         # checked here, on the key the user wrote: after batch scaling the optimizer only sees a number
@@ -68,6 +74,17 @@ class OptimConfig:
             raise ConfigError(f"optim.lr must be > 0 (the rate for a global batch of 256), got {self.lr}.")
         if self.min_lr < 0:
             raise ConfigError(f"optim.min_lr must be >= 0, got {self.min_lr}.")
+        if self.schedule not in ("cosine", "step"):
+            raise ConfigError(f"optim.schedule must be cosine or step, got {self.schedule!r}.")
+        if self.schedule == "step" and not self.lr_milestones:
+            raise ConfigError("optim.schedule=step needs optim.lr_milestones (epochs where the lr drops x 0.1), "
+                              "e.g. optim.lr_milestones=[60,80]; or set optim.schedule=cosine.")
+        if list(self.lr_milestones) != sorted(self.lr_milestones) or any(m <= 0 for m in self.lr_milestones):
+            raise ConfigError(f"optim.lr_milestones must be increasing epochs > 0, got {list(self.lr_milestones)}.")
+        if self.weight_decay_end is not None and self.weight_decay_end < 0:
+            raise ConfigError(f"optim.weight_decay_end must be >= 0 (or null: constant weight decay), got {self.weight_decay_end}.")
+        if self.flood_level is not None and not self.flood_level > 0:
+            raise ConfigError(f"optim.flood_level must be > 0 (e.g. 0.05) or null (off), got {self.flood_level}.")
 
 
 @dataclass
@@ -137,6 +154,10 @@ class ProbeConfig:
 
     cache_features: bool = True  # features computed once without augmentation; False: augmented images every epoch
     batch_norm: bool = False  # MAE: a BatchNorm without affine parameters before the linear layer
+    zero_init: bool = False  # the linear layer starts at 0 (SimCLR's --zero_init_logits_layer), else N(0, 0.01)
+    # whose protocol sets the recipe (tools/linear_probe.py --protocol): moco | moco_v3 | mae | simclr;
+    # None: the family of the method that trained the encoder (selfsup/probe_protocols.py)
+    protocol: str | None = None
 
 
 @dataclass
@@ -154,6 +175,11 @@ class FinetuneConfig:
     cutmix: float = 0.0  # CutMix alpha (0: off)
     drop_path_rate: float = 0.0  # stochastic depth of the backbone
     ema_decay: float | None = None  # EMA of the weights (timm ModelEmaV3), evaluated alongside; e.g. 0.999
+    # SWA (Izmailov et al. 2018): from this epoch (0-based) on, SWA's lr and a snapshot at each epoch's end; null: off
+    swa_start_epoch: int | None = None
+    swa_lr: float | None = None  # SWA lr per 256 images (scaled like optim.lr); null: optim.lr / 2
+    swa_schedule: str = "constant"  # constant (cosine anneal to swa_lr, then flat) | cyclic (optim.lr -> swa_lr each epoch)
+    swa_anneal_epochs: float = 1.0  # constant: epochs of the cosine anneal from the schedule's rate to swa_lr
 
     def __post_init__(self) -> None:
         if self.mode not in FINETUNE_MODES:
@@ -170,6 +196,14 @@ class FinetuneConfig:
             raise ConfigError(f"finetune.drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"finetune.ema_decay must be in (0, 1) (e.g. 0.999) or null, got {self.ema_decay}.")
+        if self.swa_start_epoch is not None and self.swa_start_epoch < 0:
+            raise ConfigError(f"finetune.swa_start_epoch must be >= 0 (e.g. 3 of 4 epochs) or null (off), got {self.swa_start_epoch}.")
+        if self.swa_lr is not None and not self.swa_lr > 0:
+            raise ConfigError(f"finetune.swa_lr must be > 0 (per 256 images, like optim.lr) or null (optim.lr / 2), got {self.swa_lr}.")
+        if self.swa_schedule not in ("constant", "cyclic"):
+            raise ConfigError(f"finetune.swa_schedule must be constant or cyclic, got {self.swa_schedule!r}.")
+        if self.swa_anneal_epochs < 0:
+            raise ConfigError(f"finetune.swa_anneal_epochs must be >= 0 (0: jump to swa_lr), got {self.swa_anneal_epochs}.")
 
 
 @dataclass

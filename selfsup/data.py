@@ -32,6 +32,7 @@ __all__ = [
     "DatasetInfo",
     "dataset_info",
     "build_dataset",
+    "is_streamed",
     "load_image",
     "to_8bit",
     "read_idx",
@@ -40,7 +41,8 @@ __all__ = [
     "SyntheticDataset",
 ]
 
-DATASETS = ("image_folder", "cifar10", "cifar100", "stl10", "fashion_mnist", "synthetic")
+DATASETS = ("image_folder", "cifar10", "cifar100", "stl10", "fashion_mnist", "synthetic", "webdataset", "hf")
+STREAMED = ("webdataset",)  # read by pretraining as streams (selfsup/streaming.py), never item by item
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 _DEFAULT_ROOT = "data/"
@@ -61,6 +63,8 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _INFO = {
     "image_folder": DatasetInfo(None, _IMAGENET_MEAN, _IMAGENET_STD, 224, 3),
+    "webdataset": DatasetInfo(None, _IMAGENET_MEAN, _IMAGENET_STD, 224, 3),
+    "hf": DatasetInfo(None, _IMAGENET_MEAN, _IMAGENET_STD, 224, 3),
     "cifar10": DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, 3),
     "cifar100": DatasetInfo(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, 3),
     "stl10": DatasetInfo(10, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 96, 3),
@@ -76,6 +80,11 @@ def _check_name(name: str) -> None:
         close = difflib.get_close_matches(name, DATASETS, n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(f"unknown dataset {name!r}.{hint} Valid: {', '.join(DATASETS)}")
+
+
+def is_streamed(name: str, root: str | os.PathLike | None) -> bool:
+    """Read as a stream by pretraining (selfsup/streaming.py): webdataset shards, and hf data at a URL."""
+    return name in STREAMED or (name == "hf" and root is not None and "://" in str(root))
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -107,8 +116,15 @@ def build_dataset(
     `num_classes` attribute (None when unknown or unlabeled).
     """
     _check_name(name)
+    if name in STREAMED:
+        raise ConfigError(f"{name} shards are streamed and read by pretraining only; evaluation needs a dataset read "
+                          "item by item: set eval.dataset (and eval.root), e.g. the image folder the shards came from")
     if name == "image_folder":
         dataset = _image_folder(root, split)
+    elif name == "hf":
+        from selfsup.hf import load_hf_dataset
+
+        dataset = load_hf_dataset(root, split)
     elif name == "fashion_mnist":
         dataset = _fashion_mnist(root, split, download)
     elif name in ("cifar10", "cifar100", "stl10"):

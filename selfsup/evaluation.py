@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from selfsup.averaging import recompute_batch_norm
 from selfsup.config import Config
 from selfsup.engine import FitResult, fit, make_loader
 from selfsup.finetune import LinearHead, SupervisedTask
@@ -204,18 +205,28 @@ def evaluate_classifier(
 
 
 class ClassifierEvaluator:
-    """The engine's `evaluate` callback for a SupervisedTask: its model's top-1/top-5, and its EMA's."""
+    """The engine's `evaluate` callback for a SupervisedTask: its model's top-1/top-5, its EMA's, and its SWA
+    average's once it holds a snapshot (BatchNorm statistics first recomputed over `bn_batches`, the training
+    data, as SWA prescribes; without them the average's BN buffers are those of the weights it started from)."""
 
     def __init__(self, test_set: Dataset, *, batch_size: int = 256, num_workers: int = 0,
-                 device: torch.device | str = "cpu", bf16: bool | None = None) -> None:
+                 device: torch.device | str = "cpu", bf16: bool | None = None, bn_batches: Any = None) -> None:
         self.loader = DataLoader(test_set, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-        self.device, self.bf16 = device, bf16
+        self.device, self.bf16, self.bn_batches = device, bf16, bn_batches
 
     def __call__(self, task: nn.Module) -> dict[str, float]:
         out = evaluate_classifier(task.model, self.loader, self.device, bf16=self.bf16)
         if getattr(task, "ema", None) is not None:
             ema = evaluate_classifier(task.ema.module, self.loader, self.device, bf16=self.bf16)
             out.update({f"ema_{name}": value for name, value in ema.items()})
+        swa = getattr(task, "swa", None)
+        if swa is not None and int(swa.n_averaged) > 0:
+            if self.bn_batches is None:
+                raise ValueError("evaluating an SWA average needs bn_batches (the training data) to recompute its BatchNorm statistics")
+            recompute_batch_norm(swa.module, self.bn_batches, self.device)
+            scores = evaluate_classifier(swa.module, self.loader, self.device, bf16=self.bf16)
+            out.update({f"swa_{name}": value for name, value in scores.items()})
+            out["swa_snapshots"] = int(swa.n_averaged)
         return out
 
 
@@ -269,7 +280,7 @@ def linear_probe(
     `cfg`, BatchNorm first if cfg.probe.batch_norm); returns the final test top-1 / top-5.
     """
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
-    head = LinearHead(train_features.shape[1], num_classes, batch_norm=cfg.probe.batch_norm)
+    head = LinearHead(train_features.shape[1], num_classes, batch_norm=cfg.probe.batch_norm, zero_init=cfg.probe.zero_init)
     task = SupervisedTask(head, num_classes)
     data_cfg = dataclasses.replace(cfg.data, num_workers=0)  # tensors in memory: workers only add overhead
     loader = make_loader(FeatureDataset(train_features, train_labels), data_cfg, seed=cfg.train.seed)

@@ -210,6 +210,7 @@ def _load_from_checkpoint(ckpt: Path, map_location) -> tuple[nn.Module, dict[str
         "format": FORMAT,
         "backbone": {"name": cfg.backbone.name, "kwargs": cfg.backbone.kwargs},
         "method": cfg.method.name,
+        **({"variant": cfg.method.variant} if getattr(cfg.method, "variant", None) else {}),
         "data": {"dataset": cfg.data.dataset, "image_size": cfg.data.image_size},
         "checkpoint": str(ckpt),
     }

@@ -21,6 +21,7 @@ from timm.optim import param_groups_weight_decay
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from selfsup.averaging import make_swa_model
 from selfsup.backbones import create_backbone
 from selfsup.config import Config, ConfigError
 from selfsup.methods.base import StepOutput
@@ -32,11 +33,11 @@ __all__ = ["LinearHead", "Classifier", "SupervisedTask", "build_finetune_optimiz
 class LinearHead(nn.Module):
     """Linear classifier, optionally after a BatchNorm without affine parameters (MAE's linear probe)."""
 
-    def __init__(self, in_dim: int, num_classes: int, *, batch_norm: bool = False) -> None:
+    def __init__(self, in_dim: int, num_classes: int, *, batch_norm: bool = False, zero_init: bool = False) -> None:
         super().__init__()
         self.norm = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6) if batch_norm else nn.Identity()
         self.fc = nn.Linear(in_dim, num_classes)
-        nn.init.normal_(self.fc.weight, std=0.01)  # MoCo / MAE linear-probe init
+        nn.init.normal_(self.fc.weight, std=0.0 if zero_init else 0.01)  # SimCLR's zero init; MoCo / MAE N(0, 0.01)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -70,11 +71,12 @@ class Classifier(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Module, num_classes: int, *, freeze_backbone: bool = False, head_batch_norm: bool = False
+        self, backbone: nn.Module, num_classes: int, *, freeze_backbone: bool = False, head_batch_norm: bool = False,
+        head_zero_init: bool = False,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = LinearHead(backbone.embed_dim, num_classes, batch_norm=head_batch_norm)
+        self.head = LinearHead(backbone.embed_dim, num_classes, batch_norm=head_batch_norm, zero_init=head_zero_init)
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             backbone.requires_grad_(False)
@@ -123,7 +125,8 @@ class SupervisedTask(nn.Module):
     """The Method-like module the engine trains: forward(batch) -> StepOutput(cross-entropy, metrics).
 
     `model` maps inputs (images, or cached features for the linear probe) to logits. Optional: label
-    smoothing, Mixup/CutMix (timm; soft targets), and an EMA of `model` updated after every step.
+    smoothing, Mixup/CutMix (timm; soft targets), an EMA of `model` updated after every step, and SWA's
+    average of `model` (selfsup/averaging.py) updated at the end of each epoch after `swa_start_epoch`.
     """
 
     def __init__(
@@ -135,6 +138,7 @@ class SupervisedTask(nn.Module):
         mixup: float = 0.0,
         cutmix: float = 0.0,
         ema_decay: float | None = None,
+        swa_start_epoch: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -153,6 +157,9 @@ class SupervisedTask(nn.Module):
             self.ema = ModelEmaV3(model, decay=ema_decay, use_warmup=True)
             self.ema.requires_grad_(False)  # not trained, not in the optimizer, not synced by DDP
             self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))  # checkpointed with the EMA
+        self.swa, self.swa_start_epoch = None, swa_start_epoch
+        if swa_start_epoch is not None:
+            self.swa = make_swa_model(model)  # its snapshot count `n_averaged` is a buffer: checkpointed too
 
     def forward(self, batch: Any) -> StepOutput:
         inputs, targets = batch
@@ -173,10 +180,17 @@ class SupervisedTask(nn.Module):
             self.ema_updates += 1
             self.ema.update(self.model, step=int(self.ema_updates))
 
+    @torch.no_grad()
+    def after_epoch(self, epoch: int) -> None:
+        """SWA: a snapshot at the end of every epoch trained at SWA's rate (epochs after swa_start_epoch)."""
+        if self.swa is not None and epoch > self.swa_start_epoch:
+            self.swa.update_parameters(self.model)
+
     def train(self, mode: bool = True) -> SupervisedTask:
         super().train(mode)
-        if self.ema is not None:
-            self.ema.eval()  # the average is only ever evaluated
+        for average in (self.ema, self.swa):
+            if average is not None:
+                average.eval()  # the averages are only ever evaluated
         return self
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "unpatchify",
     "random_masking",
     "SimMIMMaskGenerator",
+    "block_mask",
     "valid_mask_patch_sizes",
     "default_mask_patch_size",
     "WithMask",
@@ -200,6 +201,37 @@ class SimMIMMaskGenerator:
             f"SimMIMMaskGenerator(image_size={self.image_size}, mask_patch_size={self.mask_patch_size}, "
             f"mask_ratio={self.mask_ratio}, masked blocks {self.num_masked}/{self.num_blocks})"
         )
+
+
+def block_mask(grid: tuple[int, int], num_masked: float, *, aspect: tuple[float, float] = (0.3, 1 / 0.3),
+               generator: torch.Generator | None = None) -> Tensor:
+    """BEiT's blockwise mask as iBOT draws it (bytedance/ibot loader.py ImageFolderMask, pred_shape 'block'): add
+    random rectangles of >= (min(h, w) // 3)^2 patches, log-uniform aspect, until about `num_masked` patches are
+    masked (a rectangle may not add more than are left; 10 tries per rectangle). [h, w] bool, True = masked."""
+    h, w = grid
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    low, log_aspect = (min(h, w) // 3) ** 2, (math.log(aspect[0]), math.log(aspect[1]))
+    count = 0
+    while count < num_masked:
+        left_to_mask, delta = num_masked - count, 0
+        for _ in range(10):
+            u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+            area = low + (left_to_mask - low) * u[0]
+            ratio = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u[1])
+            bh, bw = int(round(math.sqrt(area * ratio))), int(round(math.sqrt(area / ratio)))
+            if bw < w and bh < h:
+                top, left = int(u[2] * (h - bh + 1)), int(u[3] * (w - bw + 1))
+                box = mask[top : top + bh, left : left + bw]
+                new = bh * bw - int(box.sum())
+                if 0 < new <= left_to_mask:
+                    box.fill_(True)
+                    delta = new
+            if delta > 0:
+                break
+        if delta == 0:
+            break
+        count += delta
+    return mask
 
 
 class WithMask:

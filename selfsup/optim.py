@@ -18,7 +18,7 @@ import math
 
 import torch
 from timm.optim import OptimInfo, OptimizerRegistry, create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from torch import nn
 
 from selfsup.config import ConfigError, OptimConfig
@@ -108,12 +108,29 @@ def build_optimizer(model: nn.Module | list[dict], cfg: OptimConfig, lr: float) 
         raise
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, warmup_steps: int):
-    """Linear warmup from 0 over `warmup_steps`, then cosine to `min_lr` at `total_steps`; stepped per update.
+STEP_DECAY = 0.1  # optim.schedule=step: lr x 0.1 per milestone (MoCo main_lincls.py adjust_learning_rate)
 
-    timm applies each group's `lr_scale` (layer decay, discriminative lr) on top of the schedule.
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, warmup_steps: int,
+                    steps_per_epoch: int = 1):
+    """Linear warmup from 0 over `warmup_steps`, then cosine to `min_lr` at `total_steps` (optim.schedule=cosine)
+    or x 0.1 from each epoch of `optim.lr_milestones` on (step); stepped per update.
+
+    The engine sets the lr of update u (0-based) with step_update(u + 1). timm's MultiStepLRScheduler counts
+    milestone d once t + 1 >= d, so d = m x steps_per_epoch + 2 lowers the lr from the first update of epoch m on,
+    as MoCo's per-epoch `lr *= 0.1 if epoch >= milestone`. timm applies each group's `lr_scale` on top.
     """
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    if cfg.schedule == "step":
+        return MultiStepLRScheduler(
+            optimizer,
+            decay_t=[round(m * steps_per_epoch) + 2 for m in cfg.lr_milestones],
+            decay_rate=STEP_DECAY,
+            warmup_t=warmup_steps,
+            warmup_lr_init=0.0,
+            warmup_prefix=False,  # milestones count epochs from the start, warmup included
+            t_in_epochs=False,
+        )
     return CosineLRScheduler(
         optimizer,
         t_initial=max(total_steps - warmup_steps, 1),
@@ -123,3 +140,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
         warmup_prefix=True,
         t_in_epochs=False,
     )
+
+
+def weight_decay_at(cfg: OptimConfig, step: int, total_steps: int) -> float:
+    """The weight decay of update `step` (0-based): cosine from `weight_decay` to `weight_decay_end` over the run,
+    without warmup (facebookresearch/dino utils.py cosine_scheduler, as main_dino.py builds wd_schedule)."""
+    if cfg.weight_decay_end is None:
+        return cfg.weight_decay
+    progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+    return cfg.weight_decay_end + 0.5 * (cfg.weight_decay - cfg.weight_decay_end) * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int, total_steps: int) -> None:
+    """Apply `weight_decay_at` to the decayed parameter groups (those built with weight decay > 0; biases, norms and
+    `no_weight_decay()` names stay at 0). Nothing to do for a constant weight decay."""
+    if cfg.weight_decay_end is None:
+        return
+    value = weight_decay_at(cfg, step, total_steps)
+    for group in optimizer.param_groups:
+        if group.setdefault("scheduled_weight_decay", group["weight_decay"] > 0):  # fixed at the first call
+            group["weight_decay"] = value

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from selfsup.data import BrokenImageError, _mix_seed
 
-__all__ = ["EpochSampler", "ViewDataset"]
+__all__ = ["EpochSampler", "ViewDataset", "make_views"]
 
 
 class EpochSampler(Sampler):
@@ -101,20 +101,24 @@ class ViewDataset(Dataset):
         else:
             epoch, index = 0, operator.index(key)
         image, label = self._load(index)
-        # fork_rng restores the global CPU generator afterwards, so the caller's stream is untouched.
-        # Per-image ops on small tensors run ~5-10x slower with several intra-op threads; DataLoader
-        # workers already use one, the main process (num_workers=0) is switched to one here.
-        threads = torch.get_num_threads()
-        single = threads > 1 and torch.utils.data.get_worker_info() is None
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only (what fork_rng restores and the transforms draw from): torch.manual_seed
-            # would also queue a lazy CUDA seeding that records a stack trace, ~1 ms per image without a GPU
-            torch.random.default_generator.manual_seed(_mix_seed(self.seed, epoch, index))
+        return make_views(self.transform, image, _mix_seed(self.seed, epoch, index)), label
+
+
+def make_views(transform: Callable[[Any], Any], image: Any, seed: int) -> Any:
+    """`transform(image)` drawing from the CPU generator seeded with `seed`, the caller's stream untouched."""
+    # fork_rng restores the global CPU generator afterwards, so the caller's stream is untouched.
+    # Per-image ops on small tensors run ~5-10x slower with several intra-op threads; DataLoader
+    # workers already use one, the main process (num_workers=0) is switched to one here.
+    threads = torch.get_num_threads()
+    single = threads > 1 and torch.utils.data.get_worker_info() is None
+    with torch.random.fork_rng(devices=[]):
+        # the CPU generator only (what fork_rng restores and the transforms draw from): torch.manual_seed
+        # would also queue a lazy CUDA seeding that records a stack trace, ~1 ms per image without a GPU
+        torch.random.default_generator.manual_seed(seed)
+        if single:
+            torch.set_num_threads(1)
+        try:
+            return transform(image)
+        finally:
             if single:
-                torch.set_num_threads(1)
-            try:
-                views = self.transform(image)
-            finally:
-                if single:
-                    torch.set_num_threads(threads)
-        return views, label
+                torch.set_num_threads(threads)

@@ -9,12 +9,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Subset
 
 from selfsup.config import ConfigError
 from selfsup.data import ImageFolderDataset, _fixed_subset, _image_folder_dir, _mix_seed, _subset, build_dataset
 
-__all__ = ["build_train_test", "holdout_split"]
+__all__ = ["build_train_test", "holdout_split", "unused_holdout"]
 
 
 _ANNOUNCED_HOLDOUTS: set[tuple[str, float, int]] = set()
@@ -109,6 +110,40 @@ def holdout_split(
         test_indices.extend(members[order[:held]].tolist())
         train_indices.extend(members[order[held:]].tolist())
     return _subset(dataset, sorted(train_indices)), _subset(dataset, sorted(test_indices))
+
+
+def unused_holdout(used: list[Dataset], size: int, seed: int = 0, key: str = "--holdout") -> Subset:
+    """`size` images (a fixed random draw by `seed`; all of them when fewer) of the set the first of `used` was
+    drawn from, that none of `used` holds: a held-out part of a training split for choices made after training
+    on it (the greedy soup's). `used` may hold sets of other sources (a separate test split); they are skipped."""
+    base, _ = _source(used[0])
+    taken: set[int] = set()
+    for dataset in used:
+        source, indices = _source(dataset)
+        if type(source) is type(base) and len(source) == len(base) and getattr(source, "root", None) == getattr(base, "root", None):
+            taken.update(indices)
+    pool = [i for i in range(len(base)) if i not in taken]
+    if not pool:
+        raise ConfigError(
+            f"the runs trained on all {len(base)} images of their training split, so none is left to hold out; "
+            f"fine-tune them on a part of it (--max-train / data.subset, e.g. 5000) and keep the rest for {key}")
+    if size < 1:
+        raise ConfigError(f"{key} must be >= 1 (images held out of the training split), got {size}")
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(_mix_seed(seed, len(pool)))).tolist()
+    return _subset(base, sorted(pool[i] for i in order[:size]))
+
+
+def _source(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """(the dataset under any Subsets and views, the indices into it that `dataset` holds)."""
+    indices = list(range(len(dataset)))
+    while True:
+        if isinstance(dataset, Subset):
+            indices = [dataset.indices[i] for i in indices]
+            dataset = dataset.dataset
+        elif hasattr(dataset, "base") and isinstance(getattr(dataset, "base"), Dataset):  # ViewDataset
+            dataset = dataset.base
+        else:
+            return dataset, indices
 
 
 def _sample_paths(dataset: Dataset) -> list[str] | None:

@@ -50,18 +50,23 @@ class ToolRun:
 
 
 def setup(
-    args: argparse.Namespace, tool: str, defaults: dict[str, Any], flags: list,
-    name_suffix: Callable[[Config], str] = lambda cfg: "",
+    args: argparse.Namespace, tool: str, defaults: dict[str, Any] | Callable[..., dict[str, Any]],
+    flags: list, name_suffix: Callable[[Config], str] = lambda cfg: "",
 ) -> ToolRun:
-    """Config (recipe < encoder's record < file < flags < overrides), encoder and run directory of one tool run."""
+    """Config (recipe < encoder's record < file < flags < overrides), encoder and run directory of one tool run.
+
+    `defaults` may be a function (encoder's record, a first reading of the config without a recipe, encoder or
+    None) -> recipe: the linear probe's protocol follows the encoder's method.
+    """
     path = _encoder_path(args.encoder)
     encoder, meta = load_encoder(path) if path is not None else (None, {})
-    recorded = {k: v for k, v in meta.get("data", {}).items() if k in ("dataset", "image_size") and v is not None}
-    layered = {**defaults, "data": {**defaults.get("data", {}), **recorded}}
-    if encoder is not None:  # its architecture is what it is: recorded under the file, so a different one shows
-        layered["backbone"] = {"name": meta["backbone"]["name"], "kwargs": dict(meta["backbone"].get("kwargs", {}))}
     overrides = [f"{key}={json.dumps(value)}" for flag, key, _ in COMMON_FLAGS + flags
                  if (value := getattr(args, dest(flag))) is not None]
+    if callable(defaults):
+        record = meta if path is not None else {"pixels": True} if args.encoder == PIXELS else {"random_init": True}
+        first = load_config(args.config, overrides + list(args.overrides), defaults=_layer({}, meta, encoder))
+        defaults = defaults(record, first, encoder)
+    layered = _layer(defaults, meta, encoder)
     cfg = load_config(args.config, overrides + list(args.overrides), defaults=layered)
     if encoder is not None and (conflicts := _backbone_conflicts(layered["backbone"], cfg.backbone)):
         raise ConfigError(
@@ -90,6 +95,15 @@ def setup(
         run_name = cfg.train.run_name or f"{tool}_{_encoder_tag(args.encoder, path)}_{cfg.data.dataset}{name_suffix(cfg)}"
         run_dir = Path(cfg.train.output_dir) / run_name
     return ToolRun(cfg, encoder, meta, in_chans, run_dir, str(path.resolve()) if path is not None else args.encoder)
+
+
+def _layer(defaults: dict[str, Any], meta: dict[str, Any], encoder: nn.Module | None) -> dict[str, Any]:
+    """The recipe with the encoder's record over it: its dataset, image size and architecture."""
+    recorded = {k: v for k, v in meta.get("data", {}).items() if k in ("dataset", "image_size") and v is not None}
+    layered = {**defaults, "data": {**defaults.get("data", {}), **recorded}}
+    if encoder is not None:  # its architecture is what it is: recorded under the file, so a different one shows
+        layered["backbone"] = {"name": meta["backbone"]["name"], "kwargs": dict(meta["backbone"].get("kwargs", {}))}
+    return layered
 
 
 def _backbone_conflicts(recorded: dict[str, Any], configured) -> list[str]:

@@ -18,21 +18,25 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 __all__ = [
-    "VIEW_PRESETS", "VIEW_OPTIONS", "SIZE_PRESETS", "MultiView", "EvalTransform", "build_views", "build_eval_transform",
+    "VIEW_PRESETS", "VIEW_OPTIONS", "MULTI_CROP_OPTIONS", "SIZE_PRESETS", "MultiView", "EvalTransform", "build_views", "build_eval_transform",
     "resolve_preset", "eval_resize_size",
 ]
 
 # Keys whose value is a (min, max) pair; a per-view list of them is a list of pairs.
-_RANGE_KEYS = ("crop_scale", "crop_ratio", "blur_sigma")
+_RANGE_KEYS = ("crop_scale", "crop_ratio", "blur_sigma", "local_crop_scale")
+# Multi-crop (Caron et al. 2020, SwAV; DINO): besides the num_views global views, `local_crops` small views of
+# side `local_crop_size` from crops of `local_crop_scale` of the image. One value each, never per view.
+MULTI_CROP_OPTIONS = ("local_crops", "local_crop_size", "local_crop_scale")
 VIEW_OPTIONS = (
-    "crop_scale", "crop_ratio", "flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue",
-    "grayscale_p", "blur_p", "blur_sigma", "solarize_p", "solarize_threshold",
+    "crop_scale", "crop_ratio", "crop_size", "flip_p", "jitter_p", "brightness", "contrast", "saturation", "hue",
+    "grayscale_p", "blur_p", "blur_sigma", "solarize_p", "solarize_threshold", *MULTI_CROP_OPTIONS,
 )
 
 # Everything off except crop + flip; presets switch on what their paper uses.
 _BASE: dict[str, Any] = {
     "num_views": 2,
     "crop_scale": (0.08, 1.0),
+    "crop_size": None,  # side of the view in px; None: data.image_size
     "crop_ratio": (3 / 4, 4 / 3),
     "flip_p": 0.5,
     "jitter_p": 0.0,
@@ -45,10 +49,18 @@ _BASE: dict[str, Any] = {
     "blur_sigma": (0.1, 2.0),
     "solarize_p": 0.0,
     "solarize_threshold": 0.5,  # on images scaled to [0, 1]
+    "local_crops": 0,  # multi-crop off
+    "local_crop_size": None,  # None: 96/224 of data.image_size (DINO's 96 px beside 224 px)
+    "local_crop_scale": (0.05, 0.4),
 }
 
 _SIMCLR_IMAGENET = {
     "jitter_p": 0.8, "brightness": 0.8, "contrast": 0.8, "saturation": 0.8, "hue": 0.2, "grayscale_p": 0.2, "blur_p": 0.5,
+}
+
+# BYOL's asymmetric views: view 1 always blurred, view 2 rarely blurred and sometimes solarised.
+_BYOL = {
+    "jitter_p": 0.8, "saturation": 0.2, "grayscale_p": 0.2, "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2),
 }
 
 # A tuple of scalars (or of pairs, for range keys) gives one entry per view (asymmetric recipes);
@@ -68,10 +80,9 @@ VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyTy
         # ImageNet ops with the jitter not strengthened (0.4, 0.4, 0.4, 0.1) and crops from 20%, at any size.
         "moco_v2": {"crop_scale": (0.2, 1.0), "jitter_p": 0.8, "grayscale_p": 0.2, "blur_p": 0.5},
         # MoCo v3 (Chen et al. 2021) = BYOL's asymmetric views (Grill et al. 2020, Table 6).
-        "moco_v3": {
-            "jitter_p": 0.8, "saturation": 0.2, "grayscale_p": 0.2,
-            "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2),
-        },
+        "moco_v3": _BYOL,
+        # BYOL (Table 6), also Barlow Twins' and VICReg's (barlowtwins main.py Transform, vicreg augmentations.py).
+        "byol": _BYOL,
         # MAE (He et al. 2022): random resized crop + flip only.
         "mae": {"num_views": 1, "crop_scale": (0.2, 1.0)},
         # SimMIM (Xie et al. 2022): mild crops + flip.
@@ -79,6 +90,21 @@ VIEW_PRESETS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyTy
         # Linear probe with augmentation and fine-tuning (MoCo / MAE): crop + flip only, crops from
         # 20% as MAE pretrains (the 8% of ImageNet recipes leaves too little of a 28-32 px image).
         "finetune": {"num_views": 1, "crop_scale": (0.2, 1.0)},
+        # DINO (Caron et al. 2021; facebookresearch/dino main_dino.py DataAugmentationDINO): BYOL's asymmetric
+        # pair as the 2 global views (jitter 0.4, 0.4, 0.2, 0.1; blur 1.0 / 0.1, solarize 0 / 0.2) from 40-100% crops,
+        # and 8 local 96 px views from 5-40% crops with blur 0.5. "local": the local views' own values.
+        "dino": {
+            "crop_scale": (0.4, 1.0), "jitter_p": 0.8, "saturation": 0.2, "grayscale_p": 0.2,
+            "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2),
+            "local_crops": 8, "local": {"blur_p": 0.5, "solarize_p": 0.0},
+        },
+        # iBOT (Zhou et al. 2022; bytedance/ibot main_ibot.py DataAugmentationiBOT): DINO's ops, with the crops of
+        # the README's ViT-S/16 and ViT-B/16 commands: globals from 25%, 10 local crops from 5-25%.
+        "ibot": {
+            "crop_scale": (0.25, 1.0), "jitter_p": 0.8, "saturation": 0.2, "grayscale_p": 0.2,
+            "blur_p": (1.0, 0.1), "solarize_p": (0.0, 0.2),
+            "local_crops": 10, "local_crop_scale": (0.05, 0.25), "local": {"blur_p": 0.5, "solarize_p": 0.0},
+        },
     }.items()
 })
 
@@ -128,11 +154,13 @@ def build_views(
     num_views: int | None = None,
     **overrides: Any,
 ) -> MultiView:
-    """Views for a method's augmentation recipe; `num_views=None` keeps the preset's count (2, or 1 for MAE/SimMIM).
+    """Views for a method's augmentation recipe; `num_views=None` keeps the preset's count (2, or 1 for MAE/SimMIM),
+    followed by the preset's `local_crops` multi-crop views (DINO: 8 of 96/224 of the image side).
 
     A preset with a recipe per image size (SIZE_PRESETS) resolves by `image_size`.
 
-    Each override (see VIEW_OPTIONS) is one value for all views or a list with one value per view.
+    Each override (see VIEW_OPTIONS) is one value for all views or a list with one value per global view;
+    the multi-crop options (MULTI_CROP_OPTIONS) are single values.
     """
     if preset not in VIEW_PRESETS:
         raise ValueError(
@@ -149,12 +177,37 @@ def build_views(
     if num_views < 1:
         raise ValueError(f"num_views must be >= 1, got {num_views}")
     mean, std = _stats(mean, std, in_chans)
+    local_settings = dict(settings.pop("local", {}))
+    multi_crop = {key: overrides.pop(key, settings.pop(key)) for key in MULTI_CROP_OPTIONS}
 
     per_view = {key: _per_view(key, value, num_views, cycle=True) for key, value in settings.items()}
     per_view.update({key: _per_view(key, value, num_views, cycle=False) for key, value in overrides.items()})
     params = [{key: values[i] for key, values in per_view.items()} for i in range(num_views)]
-    views = [_view_pipeline(p, image_size, mean, std) for p in params]
+    params += _local_params(multi_crop, per_view, local_settings, overrides, image_size)
+    for p in params:
+        p["crop_size"] = p["crop_size"] or image_size
+    views = [_view_pipeline(p, p["crop_size"], mean, std) for p in params]
     return MultiView(views, in_chans, params)
+
+
+def _local_params(multi_crop: dict[str, Any], per_view: dict[str, list], local_settings: dict[str, Any],
+                  overrides: dict[str, Any], image_size: int) -> list[dict[str, Any]]:
+    """The options of each local view: the first global view's, then the preset's "local" values, then every
+    override given as one value for all views (crop_scale and crop_size are the global views' own)."""
+    count, size, scale = (multi_crop[k] for k in MULTI_CROP_OPTIONS)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"view option local_crops is a number of local views >= 0, got {count!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"view option local_crop_size is a side in px >= 1 (or null), got {size!r}")
+    if not count:
+        return []
+    local = {key: values[0] for key, values in per_view.items()}
+    local.update({key: _per_view(key, value, 1, cycle=False)[0] for key, value in local_settings.items()})
+    local.update({key: _per_view(key, value, 1, cycle=False)[0] for key, value in overrides.items()
+                  if key not in ("crop_scale", "crop_size") and (_is_pair(value) if key in _RANGE_KEYS else not _is_list(value))})
+    local["crop_scale"] = _per_view("local_crop_scale", scale, 1, cycle=False)[0]
+    local["crop_size"] = size or max(1, round(image_size * 96 / 224))
+    return [dict(local) for _ in range(count)]
 
 
 class EvalTransform:

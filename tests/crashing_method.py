@@ -3,6 +3,7 @@
 Also exercises the `module:Class` route for methods defined outside the package.
 """
 
+from selfsup.methods.dino import DINO
 from selfsup.methods.moco import MoCo
 from selfsup.methods.simclr import SimCLR
 
@@ -36,3 +37,9 @@ class CrashingMoCo(MoCo):
 def reset(crash_at: int | None) -> None:
     global CRASH_AT_CALL, _calls
     CRASH_AT_CALL, _calls = crash_at, 0
+
+
+class CrashingDINO(DINO):
+    def forward(self, batch):
+        _count_and_maybe_crash()
+        return super().forward(batch)

@@ -46,11 +46,13 @@ def test_shapes_dtypes_and_normalized_range(preset, in_chans):
                                 grayscale_p=0.5, blur_p=0.5, solarize_p=0.5)
     images, labels = _images(c=in_chans), torch.arange(8)
     out, same_labels = views((images, labels), generator=torch.Generator().manual_seed(0))
-    assert same_labels is labels and len(out) == views.num_views == (1 if preset in ("mae", "simmim", "finetune") else 2)
+    count = (1 if preset in ("mae", "simmim", "finetune") else 2) + VIEW_PRESETS[preset]["local_crops"]
+    assert same_labels is labels and len(out) == views.num_views == count
     low = (0 - torch.tensor(mean)) / torch.tensor(std)
     high = (1 - torch.tensor(mean)) / torch.tensor(std)
-    for x in out:
-        assert x.dtype == torch.float32 and x.shape == (8, in_chans, 16, 16) and x.is_contiguous()
+    for x, p in zip(out, views.params):  # multi-crop: the local views are 96/224 of 16 px = 7 px
+        side = 16 if p is views.params[0] or p["crop_size"] == 16 else 7
+        assert x.dtype == torch.float32 and x.shape == (8, in_chans, side, side) and x.is_contiguous()
         assert torch.isfinite(x).all()
         assert (x >= low[:, None, None] - 1e-5).all() and (x <= high[:, None, None] + 1e-5).all()
     with pytest.raises(TypeError, match="uint8"):

@@ -23,7 +23,9 @@ COMMANDS = {  # console script -> module; the checkout's script
     "selfsup-finetune": ("selfsup.cli.finetune", "tools/finetune.py"),
     "selfsup-benchmark": ("selfsup.cli.benchmark", "tools/benchmark.py"),
     "selfsup-report": ("selfsup.cli.report", "tools/report.py"),
+    "selfsup-soup": ("selfsup.cli.soup", "tools/soup.py"),
 }
+NO_CONFIG = ("selfsup-report", "selfsup-soup")  # they read run directories, not a config
 # Runs a module or script as __main__ and, at exit (argparse exits after --help), reports what was imported.
 PROBE = """
 import atexit, json, runpy, sys
@@ -50,7 +52,7 @@ def test_help_imports_no_heavy_library(command, kind):
     proc, loaded = probe(kind, module if kind == "module" else script, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
-    assert ("--print-config" in proc.stdout) == (command != "selfsup-report")  # the report runs no config
+    assert ("--print-config" in proc.stdout) == (command not in NO_CONFIG)
     assert loaded == [], f"{command} --help imported {loaded}"
 
 

@@ -388,3 +388,51 @@ def test_backbone_passes_name_the_views_each_encoder_sees(variant: str, symmetri
     both = variant == "v3" or symmetric
     assert [t is x1 for t in trained] == ([True, False] if both else [True])
     assert [t is x2 for t in frozen] == ([False, True] if both else [True])
+
+
+def test_v3_vit_is_initialised_as_the_official_vision_transformer_moco() -> None:
+    """moco-v3 vits.py L26-69: fixed sin-cos positions, q / k / v xavier bounds of their own [D, D] shape, other
+    Linears xavier with zero bias, the patch projection xavier as a Linear C*p*p -> D and frozen, cls N(0, 1e-6)."""
+    vit = create_backbone("vit_tiny_patch4", img_size=16, depth=2, embed_dim=32, num_heads=2)  # 4 x 4 patches of 4 px
+    model = tiny_moco("v3", backbone=vit)
+    assert model.cfg.vit_init == "moco_v3"
+    dim, grid = 32, 4
+    expected = torch.zeros(1 + grid * grid, dim)  # the class token's row stays 0
+    for r in range(grid):
+        for c in range(grid):
+            for k in range(dim // 4):
+                w = 10000.0 ** (-k / (dim // 4))
+                row = 1 + r * grid + c  # row-major patch order, after the class token
+                expected[row, k], expected[row, dim // 4 + k] = math.sin(r * w), math.cos(r * w)
+                expected[row, dim // 2 + k], expected[row, 3 * dim // 4 + k] = math.sin(c * w), math.cos(c * w)
+    assert_close(vit.pos_embed[0].detach(), expected)
+    assert not vit.pos_embed.requires_grad  # fixed: not trained, and the optimizer leaves it out
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert id(vit.pos_embed) not in trainable and not trainable & {id(p) for p in vit.patch_embed.parameters()}
+
+    for block in vit.blocks:
+        qkv = block.attn.qkv.weight.detach()  # [3D, D]
+        third_bound, whole_bound = math.sqrt(6 / (dim + dim)), math.sqrt(6 / (3 * dim + dim))
+        for part in qkv.chunk(3):  # q, k, v
+            assert part.abs().max() <= third_bound and part.abs().max() > whole_bound  # not one [3D, D] xavier
+            assert abs(part.std().item() - third_bound / math.sqrt(3)) < 0.1 * third_bound / math.sqrt(3)
+        for linear in (block.attn.proj, block.mlp.fc1, block.mlp.fc2):
+            out_dim, in_dim = linear.weight.shape
+            bound = math.sqrt(6 / (in_dim + out_dim))
+            assert 0.9 * bound < linear.weight.abs().max() <= bound and not linear.bias.any()
+        assert not block.attn.qkv.bias.any()
+    proj = vit.patch_embed.proj
+    bound = math.sqrt(6 / (3 * 4 * 4 + dim))  # vits.py L45: 3 * p * p + D
+    assert 0.9 * bound < proj.weight.abs().max() <= bound and not proj.bias.any()
+    assert 0 < vit.cls_token.abs().max() < 1e-5  # N(0, 1e-6)
+
+
+def test_vit_init_defaults_and_errors() -> None:
+    timm_init = tiny_moco("v3", backbone=moco_worker.tiny_vit(), vit_init="timm")
+    assert timm_init.encoder.pos_embed.requires_grad  # timm's learned position embedding
+    assert tiny_moco("v2", backbone=moco_worker.tiny_vit()).cfg.vit_init == "timm"
+    assert tiny_moco("v3").cfg.vit_init == "timm"  # a ResNet
+    with pytest.raises(ConfigError, match="method.vit_init=moco_v3 needs a ViT"):
+        tiny_moco("v3", vit_init="moco_v3")
+    with pytest.raises(ConfigError, match="method.vit_init"):
+        MoCoConfig(vit_init="xavier")

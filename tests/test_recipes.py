@@ -20,6 +20,7 @@ from selfsup.config import from_dict, load_config
 from selfsup.masking import default_mask_patch_size, vit_patch_grid
 from selfsup.methods.mae import decoder_defaults
 from selfsup.methods.moco import _resolve as resolve_moco
+from selfsup.probe_protocols import PROTOCOLS
 from selfsup.transforms import build_views
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +31,15 @@ METHODS: dict[str, tuple[dict[str, Any], str | None, dict | None]] = {
     "simclr": ({"name": "simclr"}, "simclr", None),
     "moco v2": ({"name": "moco", "variant": "v2"}, "moco_v2", None),
     "moco v3": ({"name": "moco", "variant": "v3"}, "moco_v3", None),
+    "byol": ({"name": "byol"}, "byol", None),
+    "barlow_twins": ({"name": "barlow_twins"}, "byol", None),
+    "vicreg": ({"name": "vicreg"}, "byol", None),
     "mae": ({"name": "mae"}, "mae", None),
     "simmim": ({"name": "simmim"}, "simmim", None),
+    "dino": ({"name": "dino"}, "dino", None),
+    "ibot": ({"name": "ibot"}, "ibot", None),
     "linear_probe": ({}, "finetune", tools.linear_probe.DEFAULTS),
+    **{f"linear_probe {name}": ({}, "finetune", protocol.recipe()) for name, protocol in PROTOCOLS.items()},
     "finetune": ({}, "finetune", tools.finetune.DEFAULTS),
 }
 

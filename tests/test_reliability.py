@@ -29,8 +29,9 @@ from tests.conftest import ROOT, read_metrics, tiny_config_dict, write_config
 SLOW = {"name": "tests.fault_methods:SlowSimCLR", "proj_hidden_dim": 64, "proj_out_dim": 32}
 
 
-def run_cli(config: Path, *overrides: str, sleep: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "SELFSUP_TEST_STEP_SLEEP": str(sleep), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def run_cli(config: Path, *overrides: str, sleep: float = 0.0, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "SELFSUP_TEST_STEP_SLEEP": str(sleep), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           **(env or {})}
     return subprocess.Popen(
         [sys.executable, str(ROOT / "pretrain.py"), "--config", str(config), *overrides],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

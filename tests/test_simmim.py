@@ -145,3 +145,65 @@ def test_simmim_trains_writes_reconstructions_and_exports_timm_loadable_weights(
     plain = timm.create_model(f"local-dir:{run_dir / 'encoder'}", pretrained=True)  # timm's Hub format
     assert plain.state_dict().keys() == state.keys()
     assert all(torch.equal(plain.state_dict()[k], v) for k, v in state.items())
+
+
+# --- SimMIM on Swin (microsoft/SimMIM models/simmim.py SwinTransformerForSimMIM) -----------------------------
+TINY_SWIN = {"img_size": 16, "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4,
+             "drop_path_rate": 0.0}  # 2 px patches: an 8x8 grid, one merge to 4x4, stride 4
+
+
+def tiny_swin_simmim(**cfg) -> SimMIM:
+    torch.manual_seed(0)
+    backbone = create_backbone("swin_tiny_patch2_window4", **TINY_SWIN)
+    return SimMIM(backbone, SimMIMConfig(**{"mask_patch_size": 4, **cfg}))
+
+
+def test_swin_masked_positions_hold_the_mask_token_after_the_patch_embedding():
+    model = tiny_swin_simmim()
+    assert (model.patch_size, model.grid_size, model.encoder_stride) == (2, (8, 8), 4)
+    images = torch.randn(3, 3, 16, 16)
+    mask = torch.stack([model.mask_generator() for _ in range(3)])  # [3, 8, 8] on the patch grid
+    x = model.embed_swin(images, mask)  # the first stage's input
+    embedded = model.encoder.patch_embed(images)  # [3, 8, 8, 8]: Swin is channels-last
+    assert x.shape == embedded.shape == (3, 8, 8, 8)
+    for b in range(3):
+        assert_close(x[b][mask[b]], model.mask_token[0].expand(int(mask[b].sum()), -1))  # masked: the token
+        assert torch.equal(x[b][~mask[b]], embedded[b][~mask[b]])  # visible: the patch embedding
+    removed = pixel_mask(mask, 2).expand_as(images)
+    changed = torch.where(removed, torch.randn_like(images) * 10, images)
+    assert torch.equal(model.forward_encoder(changed, mask), model.forward_encoder(images, mask))
+    z = model.forward_encoder(images, mask)
+    assert z.shape == (3, model.encoder.num_features, 4, 4)  # after one merge: 2x the width, half the grid
+    assert model.forward_decoder(z).shape == images.shape  # 1x1 conv to 4*4*3 channels, PixelShuffle(4)
+
+
+def test_swin_loss_is_l1_over_masked_pixels_only():
+    model = tiny_swin_simmim()
+    images = torch.randn(2, 3, 16, 16)
+    mask = torch.stack([model.mask_generator() for _ in range(2)])
+    reconstruction = torch.randn(2, 3, 16, 16)
+    removed = pixel_mask(mask, 2)  # the patch mask at pixel level (simmim.py L118)
+    expected = ((reconstruction - images).abs() * removed).sum() / (removed.sum() * 3)
+    assert_close(model.forward_loss(images, reconstruction, mask), expected)
+    visible_changed = torch.where(removed, reconstruction, torch.randn_like(reconstruction) * 9)
+    assert_close(model.forward_loss(images, visible_changed, mask), expected)
+
+
+def test_a_swin_simmim_step_trains_the_mask_token_and_the_encoder():
+    from selfsup.optim import build_optimizer
+
+    model = tiny_swin_simmim()
+    cfg = from_dict({"optim": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05}}).optim
+    optimizer = build_optimizer(model, cfg, 1e-3)
+    images = torch.randn(4, 3, 16, 16)
+    mask = torch.stack([model.mask_generator() for _ in range(4)])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model(([images, mask], torch.zeros(4)))
+    out.loss.backward()
+    assert math.isfinite(out.loss.item())
+    assert model.mask_token.grad is not None and model.mask_token.grad.abs().sum() > 0
+    optimizer.step()
+    after = model.state_dict()
+    for key in ("mask_token", "encoder.patch_embed.proj.weight", "encoder.layers.1.blocks.0.mlp.fc2.weight", "decoder.0.weight"):
+        assert not torch.equal(before[key], after[key]), key
+    assert SimMIM.optim_defaults(model.cfg, "swin_tiny_patch2_window4", {})["lr"] == 1e-4  # 2e-4 per 512

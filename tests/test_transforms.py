@@ -27,7 +27,8 @@ def _unnormalize(x: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
 @pytest.mark.parametrize("num_views", [None, 4])
 def test_presets_shapes_and_normalized_range(preset, num_views):
     views = build_views(preset, image_size=24, mean=MEAN, std=STD, num_views=num_views)
-    expected = num_views or (1 if preset in ("mae", "simmim", "finetune") else 2)
+    local = VIEW_PRESETS[preset]["local_crops"]  # multi-crop presets add their local views (10 px at 24 px)
+    expected = (num_views or (1 if preset in ("mae", "simmim", "finetune") else 2)) + local
     assert views.num_views == expected
     low = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
     high = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
@@ -35,8 +36,9 @@ def test_presets_shapes_and_normalized_range(preset, num_views):
     for image in (_random_image(), _random_image((50, 30), seed=1)):
         out = views(image)
         assert isinstance(out, list) and len(out) == expected
-        for x in out:
-            assert type(x) is torch.Tensor and x.dtype == torch.float32 and x.shape == (3, 24, 24)
+        for i, x in enumerate(out):
+            side = 24 if i < expected - local else 10
+            assert type(x) is torch.Tensor and x.dtype == torch.float32 and x.shape == (3, side, side)
             assert torch.isfinite(x).all()
             assert (x >= low[:, None, None] - 1e-5).all() and (x <= high[:, None, None] + 1e-5).all()
 

@@ -342,8 +342,8 @@ def _bare_step(cfg, method, batch, transform, accelerator):
         batch = transform(batch, generator=torch.Generator(device=accelerator.device).manual_seed(0))
     views = batch[0]
     trained, frozen = method.backbone_passes(list(views) if isinstance(views, (list, tuple)) else [views])
-    x = torch.cat(trained)  # [V*B, C, H, W]
-    x_frozen = torch.cat(frozen) if frozen else None  # [V'*B, C, H, W]
+    x = _by_size(trained)  # one [V_s*B, C, S, S] batch per view size (multi-crop: global and local crops)
+    x_frozen = _by_size(frozen)
     backbone = copy.deepcopy(method.encoder).to(accelerator.device).train()
     if cfg.train.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -352,15 +352,25 @@ def _bare_step(cfg, method, batch, transform, accelerator):
 
     def step() -> None:
         with accelerator.autocast():
-            if x_frozen is not None:
-                with torch.no_grad():
-                    backbone(x_frozen)
-            loss = backbone(x).float().mean()
+            with torch.no_grad():
+                for batch in x_frozen:
+                    backbone(batch)
+            loss = sum(backbone(batch).float().mean() for batch in x)
         loss.backward()
         backbone.zero_grad(set_to_none=True)
 
-    step.views = int(x.shape[0]) + (0 if x_frozen is None else int(x_frozen.shape[0]))
+    step.views = sum(int(batch.shape[0]) for batch in [*x, *x_frozen])
     return step
+
+
+def _by_size(views: list) -> list:
+    """Views of one size concatenated, in first-seen order: V x [B, C, S_v, S_v] -> [[V_s*B, C, S, S] per size]."""
+    import torch
+
+    groups: dict[tuple, list] = {}
+    for view in views:
+        groups.setdefault(tuple(view.shape[1:]), []).append(view)
+    return [torch.cat(group) for group in groups.values()]
 
 
 def measure_sweep(args, tmp: str) -> list[dict[str, Any]]:

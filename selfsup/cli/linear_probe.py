@@ -1,35 +1,37 @@
-"""Linear probe of a frozen encoder (MoCo / MAE protocols), trained by selfsup.engine.fit.
+"""Linear probe of a frozen encoder under its method family's protocol, trained by selfsup.engine.fit.
 
     python tools/linear_probe.py --encoder runs/<run>/encoder --dataset fashion_mnist
-    python tools/linear_probe.py --encoder runs/<run>/encoder --batch-norm --optimizer lars optim.lr=0.1
-    python tools/linear_probe.py --encoder resnet18_small --image-size 28 --dataset fashion_mnist   # random init
+    python tools/linear_probe.py --encoder runs/<run>/encoder --protocol mae        # another family's protocol
+    python tools/linear_probe.py --encoder resnet18_small --image-size 28 --dataset fashion_mnist --protocol moco
 
-By default the features of the train split are computed once (eval mode, no augmentation) and cached,
-and the classifier trains on them; --augment instead runs the frozen encoder (eval mode) on augmented
-images (the `finetune` view preset) every epoch. --batch-norm puts MAE's BatchNorm without affine
-parameters before the linear layer. Optimizer and schedule: the optim / train sections (SGD, LARS or
-AdamW, warmup + cosine). Writes result.json in the run directory and prints a final JSON line.
+The protocol (optimizer, lr, schedule, epochs, BN before the layer, head init) is the released code's of the
+method that trained the encoder (selfsup/probe_protocols.py; docs/recipes.md): moco (MoCo v1/v2: SGD lr 30,
+x0.1 at epochs 60/80, un-normalised features), moco_v3 (SGD 0.1, cosine; ViTs 3), mae (BN without affine,
+LARS 0.1, warmup 10; also SimMIM's), simclr (Nesterov 0.1, cosine, zero-initialised head). An encoder without
+a method (random init, pixels) gets moco_v3's: pass --protocol to compare it with an encoder under the same
+protocol. --config, flags and overrides still win; the run prints the protocol, its source and what it changed.
+By default the features of the train split are computed once (eval mode, no augmentation) and cached, and the
+classifier trains on them; --augment instead runs the frozen encoder (eval mode) on augmented images (the
+`finetune` view preset) every epoch. Writes result.json in the run directory and prints a final JSON line.
 """
 
 from __future__ import annotations
 
+import sys
+
 from selfsup.cli.common import build_parser, console, exit_on_user_error, print_config
+from selfsup.probe_protocols import FALLBACK, PROTOCOLS, changed_keys, protocol_for
 
 TOOL = "linear_probe"
-# The recipe without a --config: SGD + cosine on cached features, no weight decay (MoCo v1 / v2)
-DEFAULTS = {
-    "data": {"batch_size": 256},
-    "optim": {"name": "sgd", "lr": 0.1, "lr_scaling": "linear", "weight_decay": 0.0, "momentum": 0.9,
-              "warmup_epochs": 0.0},
-    "train": {"epochs": 100, "log_every_steps": 50},
-    "eval": {"max_test_samples": None},
-}
+DEFAULTS = PROTOCOLS[FALLBACK].recipe()  # the recipe of an encoder without a recorded method
 FLAGS = [
     ("--augment", "probe.cache_features", {"action": "store_const", "const": False,
                                            "help": "augmented images every epoch instead of cached features"}),
     ("--batch-norm", "probe.batch_norm", {"action": "store_const", "const": True,
                                           "help": "BatchNorm without affine before the linear layer (MAE)"}),
-    ("--optimizer", "optim.name", {"help": "sgd (default) | lars | adamw"}),
+    ("--protocol", "probe.protocol", {"choices": list(PROTOCOLS),
+                                      "help": "whose linear probe (default: the family of the encoder's method)"}),
+    ("--optimizer", "optim.name", {"help": "sgd | nesterov | lars | adamw (default: the protocol's)"}),
     ("--lr", "optim.lr", {"type": float, "help": "base lr for a global batch of 256"}),
     ("--epochs", "train.epochs", {"type": int}),
 ]
@@ -51,10 +53,21 @@ def main(argv: list[str] | None = None) -> dict:
     from selfsup.hardware import loader_workers
     from selfsup.transfer import finish, labelled_sets, prepare_run_dir, setup
 
-    run = setup(args, TOOL, DEFAULTS, FLAGS, name_suffix=_variant)
-    if args.print_config:
-        return print_config(run.cfg)
+    chosen = {}
+
+    def recipe(meta, first_cfg, encoder):
+        vit = encoder is not None and getattr(encoder, "patch_embed", None) is not None
+        chosen["protocol"], chosen["why"] = protocol_for(meta, first_cfg.probe.protocol, vit)
+        return chosen["protocol"].recipe()
+
+    run = setup(args, TOOL, recipe, FLAGS, name_suffix=lambda cfg: f"_{chosen['protocol'].name}{_variant(cfg)}")
     cfg = run.cfg
+    protocol = chosen["protocol"]
+    changed = changed_keys(protocol, cfg)
+    print(f"[selfsup] linear probe protocol {protocol.name} ({chosen['why']}): {protocol.label}; source: {protocol.source}"
+          + (f"; changed by this run: {', '.join(changed)}" if changed else ""), file=sys.stderr, flush=True)
+    if args.print_config:
+        return print_config(cfg)
     accelerator = make_accelerator(cfg, run.run_dir)
     prepare_run_dir(run, TOOL, accelerator.is_main_process)
     set_seed(cfg.train.seed)
@@ -71,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = linear_probe(train_f, train_y, test_f, test_y, cfg, accelerator, run_dir=run.run_dir,
                                num_classes=num_classes)
     else:  # the frozen backbone stays in eval mode (BN statistics untouched); only the head trains
-        model = Classifier(run.encoder, num_classes, freeze_backbone=True, head_batch_norm=cfg.probe.batch_norm)
+        model = Classifier(run.encoder, num_classes, freeze_backbone=True, head_batch_norm=cfg.probe.batch_norm,
+                           head_zero_init=cfg.probe.zero_init)
         task = SupervisedTask(model, num_classes)
         evaluate = ClassifierEvaluator(test_set, batch_size=cfg.eval.batch_size, num_workers=loader_workers(cfg.data),
                                        device=accelerator.device, bf16=bf16)
@@ -79,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = fit(task, loader, cfg, accelerator, run_dir=run.run_dir, evaluate=evaluate)
         metrics = final_evaluation(result, task, evaluate, accelerator)
 
-    extra = {"cache_features": cfg.probe.cache_features, "batch_norm": cfg.probe.batch_norm, "optimizer": cfg.optim.name,
+    extra = {"protocol": protocol.name, "protocol_source": protocol.source, "protocol_changed": changed,
+             "cache_features": cfg.probe.cache_features, "batch_norm": cfg.probe.batch_norm, "optimizer": cfg.optim.name,
              "epochs": cfg.train.epochs, "train_size": len(train_set), "test_size": len(test_set), "num_classes": num_classes}
     out = finish(run, TOOL, metrics, extra, args.output) if accelerator.is_main_process else metrics
     accelerator.end_training()

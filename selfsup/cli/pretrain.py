@@ -87,10 +87,12 @@ def run_pretraining(cfg) -> dict[str, Any]:
         summary.update(baselines(cfg, monitor, accelerator.device))
     final_time = time.perf_counter() - final_start
     if accelerator.is_main_process:
+        trained = result.full_model if result.full_model is not None else method  # FSDP: the weights gathered from every process's shards
         save_encoder(
-            method.encoder,  # prepare() wrapped this same module; its weights are the trained ones
+            trained.encoder,  # else prepare() wrapped this same module; its weights are the trained ones
             run_dir / "encoder",
             method=cfg.method.name,
+            **({"variant": cfg.method.variant} if getattr(cfg.method, "variant", None) else {}),  # the probe's protocol
             run={"run_dir": str(run_dir), "steps": result.steps},
             data={"dataset": cfg.data.dataset, "image_size": cfg.data.image_size, "mean": list(info.mean),
                   "std": list(info.std), "in_chans": in_chans(cfg)},
@@ -117,7 +119,13 @@ def build_monitor(cfg, device, bf16: bool = False):
     from selfsup.evaluation import KNNMonitor
     from selfsup.hardware import loader_workers
 
+    from selfsup.data import is_streamed
+
     dataset = cfg.eval.dataset or cfg.data.dataset
+    if cfg.eval.dataset is None and is_streamed(dataset, cfg.data.root):
+        print(f"[selfsup] {dataset} data is streamed: no kNN monitor (set eval.dataset and eval.root to a labelled "
+              "set read item by item, e.g. the image folder the shards were made from)")
+        return None
     root = cfg.eval.root if cfg.eval.dataset else (cfg.eval.root or cfg.data.root)
     train_set, test_set = build_labelled_pair(
         dataset, root=root, image_size=cfg.data.image_size, in_chans=in_chans(cfg),
@@ -188,8 +196,8 @@ def with_reconstructions(monitor, method, cfg, train_set, info, run_dir):
     from selfsup.sampling import ViewDataset
     from selfsup.transforms import build_eval_transform
 
-    if type(method).reconstruct is Method.reconstruct:
-        return monitor
+    if type(method).reconstruct is Method.reconstruct or (monitor is None and not hasattr(train_set, "base")):
+        return monitor  # nothing to reconstruct, or no image set to draw fixed images from (streamed data)
     if monitor is not None:
         source = monitor.loaders[1].dataset
     else:

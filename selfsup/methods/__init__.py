@@ -13,6 +13,11 @@ BUILTIN_METHODS = {
     "mae": "selfsup.methods.mae:MAE",
     "simmim": "selfsup.methods.simmim:SimMIM",
     "moco": "selfsup.methods.moco:MoCo",
+    "dino": "selfsup.methods.dino:DINO",
+    "ibot": "selfsup.methods.ibot:IBOT",
+    "byol": "selfsup.methods.byol:BYOL",
+    "barlow_twins": "selfsup.methods.barlow_twins:BarlowTwins",
+    "vicreg": "selfsup.methods.vicreg:VICReg",
 }
 
 

@@ -1,6 +1,6 @@
 """The Method interface: one nn.Module per algorithm that owns its backbone, heads and state.
 
-The engine only calls `forward(batch) -> StepOutput`, `after_step(progress)` and exports
+The engine only calls `forward(batch) -> StepOutput`, `after_step(progress)`, `after_epoch(epoch)` and exports
 `encoder`; everything else about a method stays inside its own file.
 """
 
@@ -44,6 +44,14 @@ class Method(nn.Module):
 
     def after_step(self, progress: float) -> None:
         """Called after every optimizer step with progress = step / total_steps in [0, 1]."""
+
+    def on_fit_start(self, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """Called by the engine before the first forward, after any resume: `step` updates are done of
+        `total_steps`, an epoch is `steps_per_epoch` updates. For schedules a method keeps in epochs (DINO's
+        teacher temperature, its last-layer freeze); default: nothing."""
+
+    def after_epoch(self, epoch: int) -> None:
+        """Called at the end of every full epoch with the number of epochs completed (e.g. to take a snapshot)."""
 
     def backbone_passes(self, views: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The backbone work one step of this method makes: (views forwarded with backward, views

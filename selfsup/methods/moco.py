@@ -9,7 +9,9 @@ after every optimizer step (`selfsup.momentum`), never receiving gradients.
 - v3 (`method.variant: v3`, Alg. 1 of MoCo v3): no queue; a prediction MLP on the query branch,
   the keys of the whole global batch as negatives, a symmetric loss scaled by 2 tau, and m
   following a cosine schedule to 1. For ViTs the patch embedding stays at its random init
-  ("random patch projection", Sec. 4.2), which steadies training.
+  ("random patch projection", Sec. 4.2), which steadies training, and the ViT is initialised as the
+  official VisionTransformerMoCo (`method.vit_init: moco_v3`, `init_vit_moco_v3`): fixed 2-D sin-cos
+  positions, xavier-uniform with q, k, v as three matrices, a xavier-uniform patch projection, cls N(0, 1e-6).
 
 BatchNorm and the positive pair: with per-process BN, a query and its key are normalised with
 statistics of the same few samples, a signal the model can exploit to find its positive among the
@@ -43,6 +45,7 @@ micro-batch (batch x processes), fewer than the printed global batch, and so are
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +92,7 @@ class MoCoConfig:
     pred_hidden_dim: int = 4096  # v3 predictor: 2 layers, proj_out_dim -> pred_hidden_dim -> proj_out_dim
     pred_last_batch_norm: bool | None = None  # v3 predictor's output BN (no affine); None: v3 ViT true, ResNet false
     random_patch_projection: bool | None = None  # freeze the ViT patch embedding; None: true for v3 ViTs
+    vit_init: str | None = None  # moco_v3 (moco-v3 vits.py) | timm (timm's ViT init); None: moco_v3 for v3 ViTs
 
     def __post_init__(self) -> None:
         if self.variant not in ("v2", "v3"):
@@ -111,6 +115,8 @@ class MoCoConfig:
         if not self.shuffle_bn and self.bn_mode not in ("auto", "none"):
             raise ConfigError(f"method.shuffle_bn=false (the older spelling of bn_mode=none) contradicts "
                               f"method.bn_mode={self.bn_mode}; drop method.shuffle_bn.")
+        if self.vit_init not in (None, "moco_v3", "timm"):
+            raise ConfigError(f"method.vit_init must be moco_v3 or timm, got {self.vit_init!r}.")
         if self.variant == "v3" and self.symmetric is False:
             raise ConfigError("MoCo v3's loss is symmetric by definition; drop method.symmetric=false or use variant v2.")
 
@@ -138,6 +144,7 @@ def _resolve(cfg: MoCoConfig, backbone: nn.Module) -> MoCoConfig:
         proj_last_batch_norm=pick(cfg.proj_last_batch_norm, v3),
         pred_last_batch_norm=pick(cfg.pred_last_batch_norm, v3 and vit),  # builder.py: ViT predictor keeps last_bn
         random_patch_projection=pick(cfg.random_patch_projection, v3 and vit),
+        vit_init=pick(cfg.vit_init, "moco_v3" if v3 and vit else "timm"),
     )
 
 
@@ -182,6 +189,58 @@ def freeze_patch_embedding(backbone: nn.Module) -> None:
     patch_embed.requires_grad_(False)
 
 
+def sincos_pos_embed_moco_v3(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> Tensor:
+    """MoCo v3's fixed 2-D sin-cos table [h*w, D] in patch order (row-major): the patch at row r, column c gets
+    [sin(r w), cos(r w), sin(c w), cos(c w)] with w_k = temperature^(-k / (D/4)), k < D/4 (vits.py L53-64).
+    Written here: timm's `build_sincos2d_pos_embed` orders the channels [sin r, sin c, cos r, cos c]. On a
+    non-square grid the official meshgrid pairs the flattened (w, h) grid with row-major tokens; here each token
+    gets its own row and column (the same table on square grids).
+    """
+    if dim % 4:
+        raise ConfigError(f"MoCo v3's 2-D sin-cos position embedding needs an embedding size divisible by 4, got {dim}; "
+                          "set method.vit_init=timm or change backbone.kwargs.embed_dim.")
+    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [D/4]
+    rows = torch.arange(grid_h, dtype=torch.float32).repeat_interleave(grid_w)  # [h*w]: r of each token
+    cols = torch.arange(grid_w, dtype=torch.float32).repeat(grid_h)  # [h*w]: c of each token
+    r, c = rows[:, None] * omega, cols[:, None] * omega  # [h*w, D/4] each
+    return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)  # [h*w, D]
+
+
+@torch.no_grad()
+def init_vit_moco_v3(vit: nn.Module) -> None:
+    """The ViT's initialisation in the MoCo v3 code (facebookresearch/moco-v3 vits.py L26-69, VisionTransformerMoCo):
+    fixed 2-D sin-cos position embedding (zeros for the class token, not trained); every Linear xavier-uniform
+    with zero bias, the qkv Linear as three [D, D] matrices (bound sqrt(6 / (D + D)), not that of [3D, D]); the
+    patch projection uniform with the bound of a Linear C*p*p -> D (the code writes 3 * p * p: RGB), zero bias;
+    the class token N(0, 1e-6). LayerNorms keep timm's 1 / 0, as there.
+    """
+    patch_embed = getattr(vit, "patch_embed", None)
+    if patch_embed is None or getattr(vit, "pos_embed", None) is None:
+        raise ConfigError(f"method.vit_init=moco_v3 needs a ViT with a position embedding; "
+                          f"{getattr(vit, 'backbone_name', type(vit).__name__)!r} is not one. Set method.vit_init=timm.")
+    grid_h, grid_w = patch_embed.grid_size
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    table = sincos_pos_embed_moco_v3(grid_h, grid_w, vit.embed_dim)  # [h*w, D]
+    vit.pos_embed.copy_(torch.cat([table.new_zeros(prefix, vit.embed_dim), table]).unsqueeze(0))  # [1, P + h*w, D]
+    vit.pos_embed.requires_grad_(False)
+    for name, module in vit.named_modules():
+        if isinstance(module, nn.Linear):
+            if "qkv" in name:  # weight [3D, D]: q, k and v each a D x D matrix
+                bound = math.sqrt(6.0 / (module.weight.shape[0] // 3 + module.weight.shape[1]))
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    if getattr(vit, "cls_token", None) is not None:
+        nn.init.normal_(vit.cls_token, std=1e-6)
+    proj = patch_embed.proj  # Conv2d [D, C, p, p], a Linear C*p*p -> D
+    bound = math.sqrt(6.0 / (proj.weight[0].numel() + proj.weight.shape[0]))
+    nn.init.uniform_(proj.weight, -bound, bound)
+    if proj.bias is not None:
+        nn.init.zeros_(proj.bias)
+
+
 class MoCo(Method):
     views = "moco_v2"  # the instance sets moco_v3 for variant v3
     Config = MoCoConfig
@@ -194,7 +253,9 @@ class MoCo(Method):
         self.cfg = cfg
         self.v3 = cfg.variant == "v3"
         self.views = "moco_v3" if self.v3 else "moco_v2"
-        if cfg.random_patch_projection:
+        if cfg.vit_init == "moco_v3":
+            init_vit_moco_v3(backbone)
+        if cfg.random_patch_projection:  # after the init: the projection stays at those values
             freeze_patch_embedding(backbone)
 
         self.encoder = backbone  # f_q (exported)

@@ -2,11 +2,15 @@
 
 Sec. 3 of the paper: mask random blocks of `mask_patch_size` pixels (32 px at 192 px, 60%; unset, the
 block is about a sixth of the image side here too, e.g. 4 px at 32 px),
-replace the masked patch embeddings by one learnable mask token, encode ALL tokens with the ViT,
+replace the masked patch embeddings by one learnable mask token, encode ALL tokens with the encoder,
 predict raw pixels with a one-layer head (1x1 conv to stride^2 * C channels + pixel shuffle), and
 take the L1 loss over masked pixels. Masks are drawn per sample in the data pipeline
-(`view_transform`), so a batch is ([images, masks], labels). The encoder is the registry's timm
-VisionTransformer itself (with its own position embedding), driven submodule by submodule.
+(`view_transform`), so a batch is ([images, masks], labels). The encoder is the registry's timm model
+itself, driven submodule by submodule: a VisionTransformer (its own position embedding; stride = patch), or
+a SwinTransformer as the paper's main results (microsoft/SimMIM models/simmim.py L19-50,
+SwinTransformerForSimMIM): the mask token replaces patch embeddings right after the patch embedding, before
+the stages, and the head predicts stride x stride pixels per cell of the last stage (stride 32 for Swin-B:
+patch 4 x 3 merges, simmim.py L156; here read from the model's last feature reduction).
 
 Gradient accumulation (`train.accumulate_steps`) is exact here: the L1 loss is a mean over samples that
 all mask the same number of blocks, and the ViT has no BatchNorm, so k micro-batches of B give the
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from timm.layers import trunc_normal_
+from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor, nn
 
 from selfsup.masking import (
@@ -32,6 +37,15 @@ from selfsup.masking import (
     vit_patch_grid,
 )
 from selfsup.methods.base import Method, StepOutput
+
+
+def check_swin(swin: SwinTransformer) -> SwinTransformer:
+    """A timm SwinTransformer SimMIM can drive: square patches, a fixed input size (its grid is the mask's)."""
+    if getattr(swin, "dynamic_img_size", False) or not getattr(swin.patch_embed, "strict_img_size", True):
+        raise ValueError("SimMIM works on a fixed token grid; drop backbone.kwargs.dynamic_img_size / strict_img_size")
+    if getattr(swin, "absolute_pos_embed", None) is not None:  # not in timm 1.0's Swin; would be skipped here
+        raise ValueError("SimMIM's Swin path expects no absolute position embedding (timm's SwinTransformer has none)")
+    return swin
 
 
 @dataclass
@@ -54,29 +68,32 @@ class SimMIM(Method):
         # (configs/swin_base__100ep/simmim_pretrain__swin_base__img192_window6__100ep.yaml): 5e-5 and 1e-4
         # per 256 images here. Both files: WARMUP_EPOCHS 10, WEIGHT_DECAY 0.05; config.py:
         # TRAIN.OPTIMIZER.BETAS (0.9, 0.999). The former default, 4e-4 per 256, read the paper's 8e-4 (Sec. 4.1)
-        # as per 512 images: 4x / 8x the released rates. This method needs a ViT (check_vit) today; the Swin
-        # rate is the released one for when a Swin backbone is supported.
+        # as per 512 images: 4x / 8x the released rates.
         lr = 1e-4 if backbone_name.lower().startswith("swin") else 5e-5
         return {"name": "adamw", "lr": lr, "weight_decay": 0.05, "betas": (0.9, 0.999), "warmup_epochs": 10.0}
 
     def __init__(self, backbone: nn.Module, cfg: SimMIMConfig):
         super().__init__()
         self.cfg = cfg
-        vit = check_vit(backbone, "SimMIM")
-        self.encoder = vit
-        grid_h, grid_w, self.patch_size = vit_patch_grid(vit)
+        self.swin = isinstance(backbone, SwinTransformer)
+        encoder = check_swin(backbone) if self.swin else check_vit(backbone, "SimMIM")
+        self.encoder = encoder
+        grid_h, grid_w, self.patch_size = vit_patch_grid(encoder)  # the patch embedding's grid (ViT or Swin)
         self.grid_size = (grid_h, grid_w)
         self.image_size = (grid_h * self.patch_size, grid_w * self.patch_size)
-        self.in_chans = vit.patch_embed.proj.in_channels
+        self.in_chans = encoder.patch_embed.proj.in_channels
+        # pixels per cell of the encoder's output: the patch (ViT), the patch x 2 per merge (Swin)
+        self.encoder_stride = int(encoder.feature_info[-1]["reduction"]) if self.swin else self.patch_size
         # validates mask_patch_size against the image and patch sizes here, before any data is read
         self.mask_generator = SimMIMMaskGenerator(self.image_size, cfg.mask_patch_size, self.patch_size, cfg.mask_ratio)
 
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, vit.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.patch_embed.proj.out_channels))  # patch embedding's width
         trunc_normal_(self.mask_token, std=0.02)
-        # prediction head (Sec. 3.3): a linear map per token to its p x p x C pixels, as 1x1 conv + shuffle
+        # prediction head (Sec. 3.3): a linear map per output cell to its stride x stride x C pixels, as 1x1 conv
+        # + pixel shuffle; its input is the last stage's width (Swin: embed_dim x 8)
         self.decoder = nn.Sequential(
-            nn.Conv2d(vit.embed_dim, self.patch_size**2 * self.in_chans, kernel_size=1),
-            nn.PixelShuffle(self.patch_size),
+            nn.Conv2d(encoder.num_features, self.encoder_stride**2 * self.in_chans, kernel_size=1),
+            nn.PixelShuffle(self.encoder_stride),
         )
 
     def view_transform(self, transform: Callable) -> Callable:
@@ -100,15 +117,29 @@ class SimMIM(Method):
             x = torch.cat([prefix, x], dim=1)  # [N, P + L, D]
         return vit.norm_pre(vit.pos_drop(x))
 
+    def embed_swin(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Swin's input to its first stage: masked patch embeddings replaced by the mask token (timm's Swin has no
+        absolute position embedding: its stages carry relative position biases).
+
+        images [N, C, H, W], mask [N, h, w] (True = masked) -> x [N, h, w, D] (timm's channels-last layout).
+        """
+        x = self.encoder.patch_embed(images)  # [N, h, w, D]
+        w = mask.unsqueeze(-1).to(x.dtype)  # [N, h, w] -> [N, h, w, 1]
+        return x * (1 - w) + self.mask_token.to(x.dtype) * w  # mask_token [1, 1, D] broadcasts
+
     def forward_encoder(self, images: Tensor, mask: Tensor) -> Tensor:
-        """All tokens through the ViT; patch tokens back on their grid: z [N, D, h, w]."""
+        """All tokens through the encoder, back on the output grid: z [N, D', h', w'] (ViT: the patch grid)."""
+        if self.swin:
+            swin = self.encoder
+            x = swin.norm(swin.layers(self.embed_swin(images, mask)))  # [N, h / 2^m, w / 2^m, D x 2^m], m merges
+            return x.permute(0, 3, 1, 2)  # [N, h', w', D'] -> [N, D', h', w']
         vit = self.encoder
         x = vit.norm(vit.blocks(self.embed(images, mask)))  # [N, P + L, D]
         x = x[:, vit.num_prefix_tokens :]  # [N, L, D]
         return x.transpose(1, 2).reshape(x.shape[0], -1, *self.grid_size)  # [N, L, D] -> [N, D, h, w]
 
     def forward_decoder(self, z: Tensor) -> Tensor:
-        """z [N, D, h, w] -> [N, p*p*C, h, w] -> pixels [N, C, h*p, w*p]."""
+        """z [N, D', h', w'] -> [N, s*s*C, h', w'] -> pixels [N, C, h'*s, w'*s], s the encoder stride."""
         return self.decoder(z)
 
     def forward_loss(self, images: Tensor, reconstruction: Tensor, mask: Tensor) -> Tensor:
@@ -127,7 +158,7 @@ class SimMIM(Method):
         images, mask = views
         if tuple(images.shape[-2:]) != self.image_size:
             raise ValueError(
-                f"images are {tuple(images.shape[-2:])} but the ViT expects {self.image_size}; "
+                f"images are {tuple(images.shape[-2:])} but the encoder expects {self.image_size}; "
                 "set data.image_size equal to backbone.kwargs.img_size"
             )
         reconstruction = self.forward_decoder(self.forward_encoder(images, mask))
