@@ -10,7 +10,8 @@ import torch
 from selfsup import hardware
 from selfsup.config import load_config
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml")
+                 if "accelerate" not in p.parts)  # configs/accelerate/: Accelerate's launch configs, not ours
 
 
 def machine(monkeypatch, *, cuda: bool, cuda_bf16: bool = False, cpu_bf16: bool = False, isa: str = "AVX2"):
