@@ -10,7 +10,6 @@ decoded here, so a corrupt image becomes a BrokenImageError that ViewDataset ski
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from selfsup.config import ConfigError
-from selfsup.images import BrokenImageError, to_8bit
+from selfsup.images import BrokenImageError, load_image
 from selfsup.streaming import ShardStream
 
 __all__ = ["HFImageDataset", "ParquetStream", "load_hf_dataset", "import_datasets", "is_stream_root"]
@@ -95,14 +94,9 @@ class HFImageDataset(Dataset):
         stored = row[self.image_column] or {}
         source = stored.get("bytes") or stored.get("path")
         where = f"{self.root}[{index}]"
-        try:
-            if source is None:
-                raise ValueError("empty image cell")
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-                image.load()
-                image = to_8bit(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BrokenImageError(where, e) from e
+        if source is None:
+            raise BrokenImageError(where, ValueError("empty image cell"))
+        image = load_image(source, where)
         label = row.get(self.label_column) if self.label_column else None
         return image, -1 if label is None else int(label)
 
@@ -186,13 +180,8 @@ class ParquetStream(ShardStream):
             raise BrokenImageError(f"{self.index.urls[shard]} (row missing)", RuntimeError("short parquet file"))
         cell = sample.get(self.image_column) or {}
         where = f"{self.index.urls[shard]}:{cell.get('path') or '?'}"
-        try:
-            if not cell.get("bytes"):
-                raise ValueError("no image bytes in the row")
-            with Image.open(io.BytesIO(cell["bytes"])) as image:
-                image.load()
-                image = to_8bit(image)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BrokenImageError(where, e) from e
+        if not cell.get("bytes"):
+            raise BrokenImageError(where, ValueError("no image bytes in the row"))
+        image = load_image(cell["bytes"], where)
         label = sample.get(self.label_column) if self.label_column else None
         return image, -1 if label is None else int(label)

@@ -6,11 +6,13 @@ neither torchvision nor numpy reads IDX files from a local path.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import struct
 import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -26,14 +28,15 @@ class BrokenImageError(OSError):
         self.path = str(path)
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode one image file to 8 bits per channel (`to_8bit`); any decoding failure becomes BrokenImageError."""
+def load_image(source: str | os.PathLike | bytes | IO[bytes], where: str | os.PathLike | None = None) -> Image.Image:
+    """Decode one image (a file path, the encoded bytes, or a file object) to 8 bits per channel (`to_8bit`); any
+    decoding failure becomes BrokenImageError naming `where` (default: the path)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.load()  # decode now: truncated files fail here, not later inside a transform
             return to_8bit(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise BrokenImageError(path, e) from e
+        raise BrokenImageError(source if where is None else where, e) from e
 
 
 _8BIT_MODES = ("L", "LA", "RGB", "RGBA")

@@ -25,7 +25,6 @@ missing sample's id), so batches keep their size and processes their step count.
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,7 +37,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from selfsup.data import _mix_seed
-from selfsup.images import BrokenImageError, to_8bit
+from selfsup.images import BrokenImageError, load_image
 from selfsup.sampling import make_views
 from selfsup.shards import ShardIndex, import_webdataset
 
@@ -146,14 +145,13 @@ class ShardStream(IterableDataset):
             raise BrokenImageError(f"{self.index.urls[shard]} (sample missing)", RuntimeError("truncated shard"))
         name = f"{sample.get('__url__', self.index.urls[shard])}:{sample.get('__key__')}"
         key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise BrokenImageError(name, ValueError(
+                f"no image among its members {sorted(k for k in sample if not k.startswith('__'))}"))
+        image = load_image(sample[key], name)
         try:
-            if key is None:
-                raise ValueError(f"no image among its members {sorted(k for k in sample if not k.startswith('__'))}")
-            with Image.open(io.BytesIO(sample[key])) as image:
-                image.load()
-                image = to_8bit(image)
             label = int(sample["cls"]) if "cls" in sample else -1
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        except ValueError as e:
             raise BrokenImageError(name, e) from e
         return image, label
 
