@@ -65,6 +65,9 @@ class OptimConfig:
     lr_milestones: list[float] = field(default_factory=list)
     exclude_bias_and_norm: bool = True  # no weight decay on biases, norms, pos-embeds, cls tokens
     layer_decay: float | None = None  # layer-wise lr decay (fine-tuning)
+    # lr multiplier of every 1-D parameter (biases, norm scales and shifts); null: 1. Barlow Twins' recipe:
+    # 0.0048 / 0.2 = 0.024 (facebookresearch/barlowtwins main.py L35-36, L167-168)
+    bias_lr_scale: float | None = None
     fused: bool = False  # torch's fused update kernels (sgd, adam, adamw; CUDA and CPU): fewer launches per step
     flood_level: float | None = None  # flooding (Ishida et al. 2020): train on |loss - b| + b; null: off
 
@@ -83,6 +86,8 @@ class OptimConfig:
             raise ConfigError(f"optim.lr_milestones must be increasing epochs > 0, got {list(self.lr_milestones)}.")
         if self.weight_decay_end is not None and self.weight_decay_end < 0:
             raise ConfigError(f"optim.weight_decay_end must be >= 0 (or null: constant weight decay), got {self.weight_decay_end}.")
+        if self.bias_lr_scale is not None and not self.bias_lr_scale > 0:
+            raise ConfigError(f"optim.bias_lr_scale must be > 0 (e.g. 0.024) or null (biases take the weights' lr), got {self.bias_lr_scale}.")
         if self.flood_level is not None and not self.flood_level > 0:
             raise ConfigError(f"optim.flood_level must be > 0 (e.g. 0.05) or null (off), got {self.flood_level}.")
 

@@ -100,12 +100,35 @@ def build_optimizer(model: nn.Module | list[dict], cfg: OptimConfig, lr: float) 
     common = dict(lr=lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay, **kwargs)
     try:
         if name == "lars":
-            return LARS_REGISTRY.create_optimizer(model, opt="lars", weight_decay_exclude_1d=cfg.exclude_bias_and_norm, **common)
-        return create_optimizer_v2(model, opt=TIMM_NAMES.get(name, name), filter_bias_and_bn=cfg.exclude_bias_and_norm, **common)
+            optimizer = LARS_REGISTRY.create_optimizer(model, opt="lars", weight_decay_exclude_1d=cfg.exclude_bias_and_norm, **common)
+        else:
+            optimizer = create_optimizer_v2(model, opt=TIMM_NAMES.get(name, name), filter_bias_and_bn=cfg.exclude_bias_and_norm, **common)
     except (AssertionError, ValueError) as e:
         if "not found in registry" in str(e) or "Invalid optimizer" in str(e):
             raise ConfigError(f"optim.name {cfg.name!r} is not an optimizer timm knows: use sgd, nesterov, adamw, lars or lamb.") from e
         raise
+    if cfg.bias_lr_scale is not None:
+        split_1d_lr(optimizer, cfg.bias_lr_scale)
+    return optimizer
+
+
+def split_1d_lr(optimizer: torch.optim.Optimizer, scale: float) -> None:
+    """Move the 1-D parameters (biases, norms) of every group into a group of their own whose `lr_scale` is the
+    group's times `scale` (Barlow Twins' param_biases group, facebookresearch/barlowtwins main.py L90-98). Call it
+    before the first step: groups keep their other settings (weight decay, layer-decay scale), the schedulers apply
+    `lr_scale` on top of the scheduled lr."""
+    groups = []
+    for group in optimizer.param_groups:
+        settings = {k: v for k, v in group.items() if k != "params"}
+        weights = [p for p in group["params"] if p.ndim > 1]
+        biases = [p for p in group["params"] if p.ndim <= 1]
+        if weights:
+            groups.append({**settings, "params": weights})
+        if biases:
+            groups.append({**settings, "params": biases, "lr_scale": settings.get("lr_scale", 1.0) * scale})
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
 
 
 STEP_DECAY = 0.1  # optim.schedule=step: lr x 0.1 per milestone (MoCo main_lincls.py adjust_learning_rate)

@@ -105,3 +105,38 @@ def test_sgd_is_plain_momentum_and_nesterov_is_its_own_name(name, nesterov):
     assert [g["nesterov"] for g in optimizer.param_groups] == [nesterov] * len(optimizer.param_groups)
     run_steps(model, optimizer, 2)
     assert_same_parameters(model, expected)
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_bias_lr_scale_gives_1d_parameters_a_scaled_step(name):
+    """Barlow Twins' recipe: biases and norms at lr x 0.024. First step of momentum SGD is w -= lr * g (closed form);
+    LARS leaves 1-D parameters unadapted, so their first step is the same; the scheduler keeps the ratio."""
+    from selfsup.optim import build_scheduler
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2))
+    cfg = OptimConfig(name=name, lr=0.5, momentum=0.9, weight_decay=0.0, warmup_epochs=0, bias_lr_scale=0.024)
+    optimizer = build_optimizer(model, cfg, lr=0.5)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=10, warmup_steps=0)
+    scheduler.step_update(1)
+    scheduled = 0.5 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 10))).item()
+    before = copy.deepcopy(model.state_dict())
+    model(torch.randn(8, 4)).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    for n, p in model.named_parameters():
+        if p.ndim == 1:
+            torch.testing.assert_close(p.detach(), before[n] - scheduled * 0.024 * grads[n], msg=n)
+        elif name == "sgd":
+            torch.testing.assert_close(p.detach(), before[n] - scheduled * grads[n], msg=n)
+        else:  # LARS adapts the weight: not the bias' step, and not a x0.024 step
+            assert not torch.allclose(p.detach(), before[n] - scheduled * 0.024 * grads[n])
+    lrs = sorted({round(g["lr"] / scheduled, 6) for g in optimizer.param_groups})
+    assert lrs == [0.024, 1.0]
+
+
+def test_bias_lr_scale_must_be_positive():
+    from selfsup.config import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.bias_lr_scale"):
+        OptimConfig(bias_lr_scale=0.0)
