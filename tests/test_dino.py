@@ -198,12 +198,12 @@ def test_export_is_the_student_or_the_teacher_backbone_and_reloads(tmp_path, whi
 # -- two processes --------------------------------------------------------------------------------
 
 
-def test_two_processes_share_the_centre_and_match_one_process(tmp_path) -> None:
+def test_two_processes_share_the_centres_and_match_one_process_for_dino_and_ibot(tmp_path) -> None:
     run_workers(WORKERS_DIR / "dino_worker.py", str(tmp_path), nprocs=2, timeout=300)
     for r in range(2):
         record = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert (record["rank"], record["world_size"], record["num_processes"]) == (r, 2, 2)
-        assert record["checks"] == {"center_loss_and_grads": "ok"}, record["checks"]
+        assert record["checks"] == {"center_loss_and_grads": "ok", "ibot_centres_loss_and_grads": "ok"}, record["checks"]
     model = dino_worker.tiny_dino()  # 1 process x 2B, the same two steps
     with torch.no_grad():
         model((dino_worker.global_views(1, 2 * dino_worker.B), None))
@@ -217,6 +217,26 @@ def test_two_processes_share_the_centre_and_match_one_process(tmp_path) -> None:
     assert set(grads) == set(expected) and "head.weight_v" in grads
     for name, grad in expected.items():
         # timm resamples the position embedding for the local crops in float32 (resample_abs_pos_embed)
+        tolerance = {"rtol": 1e-5, "atol": 1e-7} if name.endswith("pos_embed") else {"rtol": 1e-9, "atol": 1e-12}
+        assert_close(grads[name], grad, **tolerance, msg=name)
+
+    # iBOT, the same processes: [CLS] and patch centres, the masked-patch loss and every gradient
+    masks = dino_worker.ibot_masks(3, 2 * dino_worker.B), dino_worker.ibot_masks(4, 2 * dino_worker.B)
+    model = dino_worker.tiny_ibot(masks[0])
+    with torch.no_grad():
+        model((dino_worker.global_views(1, 2 * dino_worker.B), None))
+    model.draw_masks = lambda n, grid: masks[1].flatten(0, 1)
+    loss = model((dino_worker.global_views(2, 2 * dino_worker.B), None)).loss
+    loss.backward()
+    distributed = json.loads((tmp_path / "ibot_loss.json").read_text())
+    assert distributed["world_size"] == 2 and distributed["mean_loss"] == pytest.approx(loss.item(), rel=1e-10)
+    centres = load_file(str(tmp_path / "ibot_center.safetensors"))
+    assert_close(centres["center"], model.center, rtol=1e-12, atol=1e-14)
+    assert_close(centres["patch_center"], model.patch_center, rtol=1e-12, atol=1e-14)
+    grads = load_file(str(tmp_path / "ibot_grads.safetensors"))
+    expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(expected) and "mask_token" in grads and "head.patch_weight_v" in grads, sorted(grads)
+    for name, grad in expected.items():
         tolerance = {"rtol": 1e-5, "atol": 1e-7} if name.endswith("pos_embed") else {"rtol": 1e-9, "atol": 1e-12}
         assert_close(grads[name], grad, **tolerance, msg=name)
 
