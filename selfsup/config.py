@@ -1,26 +1,21 @@
 """Typed run configuration: YAML file + dotted command-line overrides, validated before any work.
 
-Hand-written on dataclasses rather than OmegaConf because the one thing we need beyond a typed
+Hand-written on dataclasses (the generic dict -> dataclass part is selfsup/typed.py) rather than OmegaConf because the one thing we need beyond a typed
 merge is an error that names the closest valid key, and each method declares its own section
 (`Method.Config`), which is resolved by the method's name.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem the user can fix; the message names the key and the fix."""
+from selfsup.typed import ConfigError, apply_override, build, check_keys, merge
 
 
 @dataclass
@@ -245,9 +240,9 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping with sections {', '.join(SECTIONS)}.")
     if defaults:
-        raw = _merge(defaults, raw)
+        raw = merge(defaults, raw)
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     cfg = from_dict(raw)
     cfg.source = str(path) if path is not None else None
     return cfg
@@ -274,12 +269,12 @@ def _read_yaml(path: Path) -> Any:
 
 def from_dict(raw: dict[str, Any]) -> Config:
     """Build a validated Config from a plain nested dict."""
-    _check_keys(raw, SECTIONS, "")
+    check_keys(raw, SECTIONS, "")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         if f.name not in raw or f.name == "method":
             continue
-        kwargs[f.name] = _build(f.type if not isinstance(f.type, str) else _CONFIG_TYPES[f.name], raw[f.name], f.name)
+        kwargs[f.name] = build(f.type if not isinstance(f.type, str) else _CONFIG_TYPES[f.name], raw[f.name], f.name)
     method_raw = raw.get("method") or {}
     if not isinstance(method_raw, dict):
         raise ConfigError("'method' must be a mapping with at least 'name' (simclr, moco, mae, simmim or module:Class).")
@@ -290,7 +285,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         # supplies name, lr, weight decay, betas; whatever the file or overrides set still wins.
         backbone = kwargs.get("backbone", BackboneConfig())
         recipe = _method_class(kwargs["method"]).optim_defaults(kwargs["method"], backbone.name, backbone.kwargs)
-        kwargs["optim"] = _build(OptimConfig, {**recipe, **optim_raw}, "optim")
+        kwargs["optim"] = build(OptimConfig, {**recipe, **optim_raw}, "optim")
     return Config(**kwargs)
 
 
@@ -307,7 +302,7 @@ def build_method_config(raw: dict[str, Any]) -> Any:
     name = raw.get("name", "simclr")
     method_cls = get_method_class(name)
     try:
-        return _build(method_cls.Config, {**raw, "name": name}, "method")
+        return build(method_cls.Config, {**raw, "name": name}, "method")
     except ConfigError as e:
         owners = _methods_with_keys(set(raw) - {f.name for f in dataclasses.fields(method_cls.Config)})
         if owners:
@@ -360,132 +355,3 @@ _CONFIG_TYPES = {
     "probe": ProbeConfig,
     "finetune": FinetuneConfig,
 }
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """A new nested dict with `top`'s values over `base`'s (mappings merged key by key); neither is modified."""
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _check_keys(raw: dict[str, Any], valid: tuple[str, ...] | list[str], where: str) -> None:
-    for key in raw:
-        if key not in valid:
-            full = f"{where}.{key}" if where else key
-            close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
-            hint = f" Did you mean '{where + '.' if where else ''}{close[0]}'?" if close else ""
-            scope = f"'{where}'" if where else "the top level"
-            raise ConfigError(f"Unknown config key '{full}'.{hint} Valid keys in {scope}: {', '.join(valid)}.")
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"'{where}' must be a mapping of keys to values, got {type(raw).__name__} {raw!r}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _check_keys(raw, [n for n in fields if n != "source"], where)
-    hints = typing.get_type_hints(cls)
-    values = {name: _coerce(value, hints[name], f"{where}.{name}") for name, value in raw.items()}
-    return cls(**values)
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; accept the obvious conversions (int -> float, '1e-3')."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise _type_error(key, value, tp)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(key, value, tp)
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"'{key}' needs {len(args)} values ({_type_name(tp)}), got {value!r}.")
-            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        out = [_coerce(v, item, key) for v in value]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(key, value, tp)
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(key, value, tp)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _type_error(key, value, tp)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 1e-3 as a string
-            except ValueError:
-                pass
-        raise _type_error(key, value, tp)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes (train.precision=no) as a boolean
-            return "yes" if value else "no"
-        raise _type_error(key, value, tp)
-    return value
-
-
-def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
-    return ConfigError(
-        f"Config key '{key}' expects {_type_name(tp)}, got {type(value).__name__} {value!r}. "
-        f"Fix the value in the YAML file or the override '{key}=...'."
-    )
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    if "=" not in item:
-        raise ConfigError(f"Override {item!r} is not of the form section.key=value (e.g. optim.lr=0.3).")
-    dotted, text = item.split("=", 1)
-    keys = dotted.strip().split(".")
-    if len(keys) < 2 or not all(keys):
-        raise ConfigError(f"Override {item!r} must name a section and a key, e.g. train.epochs=5.")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as e:
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"Override {item!r}: the value is not valid YAML ({problem}); quote it or fix the brackets.") from None
-    node = raw
-    for k in keys[:-1]:
-        child = node.get(k)
-        if child is None:
-            child = node[k] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"Override {item!r}: '{k}' holds a value, not a section.")
-        node = child
-    node[keys[-1]] = value
