@@ -1,8 +1,9 @@
 """Typed run configuration: YAML file + dotted command-line overrides, validated before any work.
 
-Hand-written on dataclasses (the generic dict -> dataclass part is selfsup/typed.py) rather than OmegaConf because the one thing we need beyond a typed
+Hand-written on dataclasses rather than OmegaConf because the one thing we need beyond a typed
 merge is an error that names the closest valid key, and each method declares its own section
-(`Method.Config`), which is resolved by the method's name.
+(`Method.Config`), which is resolved by the method's name. The generic part (nested dict -> typed
+dataclass, dotted overrides) is selfsup/typed.py.
 """
 
 from __future__ import annotations
