@@ -98,7 +98,7 @@ def test_sync_bn_converts_every_batch_norm_and_runs_on_one_process(sync_bn, expe
     model = SimCLR(backbone, SimCLRConfig(sync_bn=sync_bn, proj_hidden_dim=16, proj_out_dim=8))
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     global_kinds = (torch.nn.SyncBatchNorm, GlobalBatchNorm)  # no process group here: the CPU kind
-    assert len(norms) == 2 and all(isinstance(m, global_kinds) == expected for m in norms)
+    assert len(norms) == 3 and all(isinstance(m, global_kinds) == expected for m in norms)  # f, g hidden, g output
     views = [torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
     assert torch.isfinite(model((views, None)).loss)  # without a process group SyncBatchNorm is plain BN
 
@@ -237,6 +237,10 @@ def test_proj_last_batch_norm_is_the_official_and_lightly_projection_head():
     torch.testing.assert_close(z, reference(h), rtol=0, atol=0)
     torch.testing.assert_close(z.mean(0), torch.zeros(8, dtype=torch.float64), rtol=0, atol=1e-12)  # beta = 0
     torch.testing.assert_close(z.var(0, unbiased=False), torch.ones(8, dtype=torch.float64), rtol=0, atol=1e-3)  # gamma = 1
-    default = SimCLR(backbone, SimCLRConfig(proj_hidden_dim=16, proj_out_dim=8)).double()
-    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in list(default.projector)[3:])  # off by default
-    assert default.projector[3].bias is not None
+    torch.manual_seed(0)
+    default = SimCLR(backbone, SimCLRConfig(proj_hidden_dim=16, proj_out_dim=8)).double()  # on by default
+    assert [tuple(v.shape) for v in default.projector.state_dict().values()] == [
+        tuple(v.shape) for v in reference.state_dict().values()]
+    plain = SimCLR(backbone, SimCLRConfig(proj_hidden_dim=16, proj_out_dim=8, proj_last_batch_norm=False))
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in list(plain.projector)[3:])  # the v1 paper's head
+    assert plain.projector[3].bias is not None

@@ -126,7 +126,7 @@ def check_simclr_global_bn(w: int, r: int, accelerator: Accelerator) -> None:
                                                               temperature=0.5)).double()
     method = SimCLR(backbone, SimCLRConfig(proj_hidden_dim=8, proj_out_dim=4, temperature=0.5)).double()  # sync unset
     norms = [m for m in method.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert len(norms) == 2 and all(isinstance(m, GlobalBatchNorm) for m in norms), norms
+    assert len(norms) == 3 and all(isinstance(m, GlobalBatchNorm) for m in norms), norms  # f, g hidden, g output
     reference.load_state_dict(method.state_dict())
     model = accelerator.prepare(method)
 
