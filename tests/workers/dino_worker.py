@@ -105,7 +105,7 @@ def check_ibot_centres_loss_and_grads(w: int, r: int, accelerator: Accelerator, 
     for name, expected in (("center", expected_cls), ("patch_center", expected_patch)):
         both = gather_no_grad(getattr(local, name))  # [W, K] after step 2
         assert torch.equal(both[0], both[1]), f"the ranks' {name} differ"
-        assert_close(centres[name][0], expected, rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+        assert_close(centres[name][0], expected, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
     mean_loss = all_reduce_mean(loss.detach())
     if r == 0:
         grads = {n: p.grad.contiguous() for n, p in local.named_parameters() if p.grad is not None}
