@@ -198,6 +198,13 @@ def test_export_is_the_student_or_the_teacher_backbone_and_reloads(tmp_path, whi
 # -- two processes --------------------------------------------------------------------------------
 
 
+def assert_grads_close(grads: dict, expected: dict) -> None:
+    for name, grad in expected.items():
+        # timm resamples the position embedding for the local crops in float32 (resample_abs_pos_embed)
+        tolerance = {"rtol": 1e-5, "atol": 1e-7} if name.endswith("pos_embed") else {"rtol": 1e-9, "atol": 1e-12}
+        assert_close(grads[name], grad, **tolerance, msg=name)
+
+
 def test_two_processes_share_the_centres_and_match_one_process_for_dino_and_ibot(tmp_path) -> None:
     run_workers(WORKERS_DIR / "dino_worker.py", str(tmp_path), nprocs=2, timeout=300)
     for r in range(2):
@@ -215,10 +222,7 @@ def test_two_processes_share_the_centres_and_match_one_process_for_dino_and_ibot
     grads = load_file(str(tmp_path / "grads.safetensors"))
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(expected) and "head.weight_v" in grads
-    for name, grad in expected.items():
-        # timm resamples the position embedding for the local crops in float32 (resample_abs_pos_embed)
-        tolerance = {"rtol": 1e-5, "atol": 1e-7} if name.endswith("pos_embed") else {"rtol": 1e-9, "atol": 1e-12}
-        assert_close(grads[name], grad, **tolerance, msg=name)
+    assert_grads_close(grads, expected)
 
     # iBOT, the same processes: [CLS] and patch centres, the masked-patch loss and every gradient
     masks = dino_worker.ibot_masks(3, 2 * dino_worker.B), dino_worker.ibot_masks(4, 2 * dino_worker.B)
@@ -236,9 +240,7 @@ def test_two_processes_share_the_centres_and_match_one_process_for_dino_and_ibot
     grads = load_file(str(tmp_path / "ibot_grads.safetensors"))
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(expected) and "mask_token" in grads and "head.patch_weight_v" in grads, sorted(grads)
-    for name, grad in expected.items():
-        tolerance = {"rtol": 1e-5, "atol": 1e-7} if name.endswith("pos_embed") else {"rtol": 1e-9, "atol": 1e-12}
-        assert_close(grads[name], grad, **tolerance, msg=name)
+    assert_grads_close(grads, expected)
 
 
 # -- end to end -----------------------------------------------------------------------------------

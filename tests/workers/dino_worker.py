@@ -61,6 +61,14 @@ def global_views(seed: int, n: int) -> list[torch.Tensor]:
     return [torch.randn(n, 3, size, size, generator=g, dtype=torch.float64) for size in (IMAGE, IMAGE, LOCAL, LOCAL)]
 
 
+def save_reference(out_dir: Path, prefix: str, model, centres: tuple[str, ...], mean_loss, w: int) -> None:
+    """Rank 0's gradients, centres and mean loss, for the test to compare with 1 process x 2B."""
+    grads = {n: p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
+    save_file(grads, str(out_dir / f"{prefix}grads.safetensors"))
+    save_file({c: getattr(model, c).contiguous() for c in centres}, str(out_dir / f"{prefix}center.safetensors"))
+    (out_dir / f"{prefix}loss.json").write_text(json.dumps({"mean_loss": mean_loss.item(), "world_size": w}))
+
+
 def check_center_loss_and_grads(w: int, r: int, accelerator: Accelerator, out_dir: Path) -> None:
     """Step 1 (no gradient) moves the centre away from 0; step 2's loss uses it, with gradients."""
     model = accelerator.prepare(tiny_dino())
@@ -79,10 +87,7 @@ def check_center_loss_and_grads(w: int, r: int, accelerator: Accelerator, out_di
     assert torch.equal(both[0], both[1]), "the ranks' centres differ"
     assert_close(center[0], expected, rtol=1e-12, atol=1e-14)
     if r == 0:
-        grads = {n: p.grad.contiguous() for n, p in unwrapped.named_parameters() if p.grad is not None}
-        save_file(grads, str(out_dir / "grads.safetensors"))
-        save_file({"center": unwrapped.center.contiguous()}, str(out_dir / "center.safetensors"))
-        (out_dir / "loss.json").write_text(json.dumps({"mean_loss": mean_loss.item(), "world_size": w}))
+        save_reference(out_dir, "", unwrapped, ("center",), mean_loss, w)
 
 
 def check_ibot_centres_loss_and_grads(w: int, r: int, accelerator: Accelerator, out_dir: Path) -> None:
@@ -108,11 +113,7 @@ def check_ibot_centres_loss_and_grads(w: int, r: int, accelerator: Accelerator, 
         assert_close(centres[name][0], expected, rtol=1e-12, atol=1e-14, msg=lambda m, name=name: f"{name}: {m}")
     mean_loss = all_reduce_mean(loss.detach())
     if r == 0:
-        grads = {n: p.grad.contiguous() for n, p in local.named_parameters() if p.grad is not None}
-        save_file(grads, str(out_dir / "ibot_grads.safetensors"))
-        save_file({"center": local.center.contiguous(), "patch_center": local.patch_center.contiguous()},
-                  str(out_dir / "ibot_center.safetensors"))
-        (out_dir / "ibot_loss.json").write_text(json.dumps({"mean_loss": mean_loss.item(), "world_size": w}))
+        save_reference(out_dir, "ibot_", local, ("center", "patch_center"), mean_loss, w)
 
 
 def main(out_dir: Path) -> None:
