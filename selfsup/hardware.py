@@ -6,19 +6,23 @@ and many cloud VMs) is emulated by oneDNN: a timm ResNet-18 step is 18-38x slowe
 scaling on GPUs without bf16, and fp32 otherwise; an explicit choice that would be emulated is kept
 but warned about. Threads and DataLoader workers are sized from the cores this process may use
 (`os.sched_getaffinity`), shared among the processes of this machine, so they never oversubscribe.
-Written here because neither torch nor Accelerate makes these choices.
+On glibc, freed memory is kept in the process (`keep_freed_memory`) instead of going back to the kernel
+and being faulted in again at the next step. Written here because neither torch nor Accelerate makes
+these choices.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
 
 __all__ = ["PrecisionChoice", "Parallelism", "choose_precision", "choose_parallelism", "usable_cores",
            "cpu_native_bf16", "cpu_native_fp16", "cpu_isa", "plan_parallelism", "loader_workers",
-           "local_processes", "training_device_type"]
+           "local_processes", "training_device_type", "keep_freed_memory"]
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 EMULATED_SLOWDOWN = "18-38x slower than fp32"  # measured: ResNet-18 steps on AVX2-only CPUs, docs/performance.md
@@ -164,3 +168,32 @@ def plan_parallelism(threads: int | None, workers: int | None, augment_on: str =
 def loader_workers(data_cfg) -> int:
     """DataLoader workers for `data_cfg` (data.num_workers, or the auto choice when it is null)."""
     return plan_parallelism(None, data_cfg.num_workers, data_cfg.augment_on).workers
+
+
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit (HEAP_MAX_SIZE / 2)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+MMAP_THRESHOLD_MAX = 32 << 20
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+
+
+def keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory in the process; returns what was done, for the start-up line.
+
+    By default glibc serves blocks above a threshold with fresh mmaps and returns the top of the heap to
+    the kernel once enough of it is free, so every training step faults its activations in again page by
+    page: a BYOL step on one fp32 CPU thread spent 14-26 % of its time in the kernel (docs/performance.md).
+    Here blocks up to 32 MB (glibc's ceiling) come from the heap, which is never trimmed; the cost is a
+    resident size that stays at the step's peak. Allocator settings in the environment (MALLOC_*_,
+    GLIBC_TUNABLES) or SELFSUP_MALLOC=default leave glibc as it is; other C libraries are left alone.
+    """
+    if os.environ.get("SELFSUP_MALLOC", "").lower() == "default":
+        return "malloc: glibc defaults (SELFSUP_MALLOC=default)"
+    if any(name in os.environ for name in ALLOCATOR_ENV):
+        return "malloc: as the environment sets it"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "malloc: the C library's defaults"
+    mallopt = ctypes.CDLL(None).mallopt
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), mallopt(M_TRIM_THRESHOLD, 2**31 - 1),
+                mallopt(M_TOP_PAD, 64 << 20)])
+    return "malloc: freed memory kept (glibc mallopt)" if done else "malloc: glibc refused mallopt, defaults"

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from selfsup.config import Config, ConfigError, DataConfig
 from selfsup.guards import _ignore_stop_signals
-from selfsup.hardware import choose_precision, loader_workers, plan_parallelism
+from selfsup.hardware import choose_precision, keep_freed_memory, loader_workers, plan_parallelism
 from selfsup.sampling import EpochSampler
 from selfsup.sharding import fsdp_requested_but_off
 
@@ -26,6 +26,7 @@ def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelera
     precision = choose_precision(cfg.train.precision, "cuda" if has_cuda else "cpu")
     parallelism = plan_parallelism(cfg.train.threads, cfg.data.num_workers, cfg.data.augment_on)
     torch.set_num_threads(parallelism.threads)
+    allocator = keep_freed_memory()
     accelerator = Accelerator(
         cpu=not has_cuda,
         mixed_precision=precision.mode,
@@ -38,7 +39,7 @@ def make_accelerator(cfg: Config, run_dir: str | Path | None = None) -> Accelera
     )
     if precision.warning:
         accelerator.print(f"[selfsup] warning: {precision.warning}")
-    accelerator.print(f"[selfsup] {precision.describe()}; {parallelism.describe()}")
+    accelerator.print(f"[selfsup] {precision.describe()}; {parallelism.describe()}; {allocator}")
     if fsdp_requested_but_off(accelerator):
         accelerator.print("[selfsup] warning: the launch config asks for FSDP, which Accelerate enables on GPUs only; "
                           f"these {accelerator.distributed_type.value} processes train with DDP (full copies)")

@@ -171,3 +171,51 @@ def test_commands_let_openmp_threads_sleep_unless_the_user_chose(preset, expecte
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split()
     assert out == [expected, "False"]  # set before torch (and so libgomp) is loaded
+
+
+# In a fresh interpreter: malloc and free a 20 MB block, and read glibc's own counters (mallinfo2): bytes in
+# mmapped blocks and the heap's size while it is held, and the heap's size after the free. `keep` runs
+# keep_freed_memory() first (importing selfsup, so torch: the heap is already large then).
+MALLINFO_PROBE = """
+import ctypes, sys
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+    from selfsup.hardware import keep_freed_memory
+    print(keep_freed_memory(), file=sys.stderr)
+block = libc.malloc(20 << 20)
+held = libc.mallinfo2()
+libc.free(block)
+print(held.hblkhd, held.arena, libc.mallinfo2().arena)
+"""
+
+
+def malloc_probe(mode: str, **env: str) -> tuple[int, int, int, str]:
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in (*hardware.ALLOCATOR_ENV, "SELFSUP_MALLOC")}
+    done = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, mode], env={**clean, **env}, capture_output=True,
+                          text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    mmapped, heap_held, heap_after = map(int, done.stdout.split())
+    return mmapped, heap_held, heap_after, done.stderr.strip()
+
+
+@pytest.mark.skipif(hardware.platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_keep_freed_memory_serves_large_blocks_from_a_heap_that_is_not_trimmed():
+    block = 20 << 20
+    mmapped, _, _, _ = malloc_probe("plain")
+    assert mmapped >= block  # glibc's defaults: a fresh mmap (unmapped again on free)
+    mmapped, heap_held, heap_after, said = malloc_probe("keep")
+    assert said == "malloc: freed memory kept (glibc mallopt)"
+    assert mmapped < block and heap_held >= block  # from the heap ...
+    assert heap_after == heap_held  # ... which is not trimmed after the free
+    for env in ({"SELFSUP_MALLOC": "default"}, {"MALLOC_TRIM_THRESHOLD_": "131072"}):  # the user's choice wins
+        mmapped, _, _, said = malloc_probe("keep", **env)
+        assert mmapped >= block, (env, said)
