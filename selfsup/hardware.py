@@ -170,9 +170,9 @@ def loader_workers(data_cfg) -> int:
     return plan_parallelism(None, data_cfg.num_workers, data_cfg.augment_on).workers
 
 
-# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit (HEAP_MAX_SIZE / 2)
+# glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-MMAP_THRESHOLD_MAX = 32 << 20
+MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GB from the heap: iBOT's [6272, 4096] fp32 logits are 100 MB
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
@@ -182,8 +182,8 @@ def keep_freed_memory() -> str:
     By default glibc serves blocks above a threshold with fresh mmaps and returns the top of the heap to
     the kernel once enough of it is free, so every training step faults its activations in again page by
     page: a BYOL step on one fp32 CPU thread spent 14-26 % of its time in the kernel (docs/performance.md).
-    Here blocks up to 32 MB (glibc's ceiling) come from the heap, which is never trimmed; the cost is a
-    resident size that stays at the step's peak. Allocator settings in the environment (MALLOC_*_,
+    Here blocks up to 1 GB come from the heap, which is never trimmed; the cost is a resident size that
+    stays at the step's peak. Allocator settings in the environment (MALLOC_*_,
     GLIBC_TUNABLES) or SELFSUP_MALLOC=default leave glibc as it is; other C libraries are left alone.
     """
     if os.environ.get("SELFSUP_MALLOC", "").lower() == "default":
@@ -194,6 +194,6 @@ def keep_freed_memory() -> str:
         return "malloc: the C library's defaults"
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), mallopt(M_TRIM_THRESHOLD, 2**31 - 1),
+    done = all([mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(M_TRIM_THRESHOLD, 2**31 - 1),
                 mallopt(M_TOP_PAD, 64 << 20)])
     return "malloc: freed memory kept (glibc mallopt)" if done else "malloc: glibc refused mallopt, defaults"

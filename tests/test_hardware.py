@@ -173,7 +173,7 @@ def test_commands_let_openmp_threads_sleep_unless_the_user_chose(preset, expecte
     assert out == [expected, "False"]  # set before torch (and so libgomp) is loaded
 
 
-# In a fresh interpreter: malloc and free a 20 MB block, and read glibc's own counters (mallinfo2): bytes in
+# In a fresh interpreter: malloc and free a 64 MB block, and read glibc's own counters (mallinfo2): bytes in
 # mmapped blocks and the heap's size while it is held, and the heap's size after the free. `keep` runs
 # keep_freed_memory() first (importing selfsup, so torch: the heap is already large then).
 MALLINFO_PROBE = """
@@ -188,7 +188,7 @@ libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p,
 if sys.argv[1] == "keep":
     from selfsup.hardware import keep_freed_memory
     print(keep_freed_memory(), file=sys.stderr)
-block = libc.malloc(20 << 20)
+block = libc.malloc(64 << 20)
 held = libc.mallinfo2()
 libc.free(block)
 print(held.hblkhd, held.arena, libc.mallinfo2().arena)
@@ -209,7 +209,7 @@ def malloc_probe(mode: str, **env: str) -> tuple[int, int, int, str]:
 
 @pytest.mark.skipif(hardware.platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
 def test_keep_freed_memory_serves_large_blocks_from_a_heap_that_is_not_trimmed():
-    block = 20 << 20
+    block = 64 << 20
     mmapped, _, _, _ = malloc_probe("plain")
     assert mmapped >= block  # glibc's defaults: a fresh mmap (unmapped again on free)
     mmapped, heap_held, heap_after, said = malloc_probe("keep")
