@@ -173,7 +173,7 @@ def loader_workers(data_cfg) -> int:
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GB from the heap: iBOT's [6272, 4096] fp32 logits are 100 MB
-ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
+ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def keep_freed_memory() -> str:
@@ -183,12 +183,12 @@ def keep_freed_memory() -> str:
     the kernel once enough of it is free, so every training step faults its activations in again page by
     page: a BYOL step on one fp32 CPU thread spent 14-26 % of its time in the kernel (docs/performance.md).
     Here blocks up to 1 GB come from the heap, which is never trimmed; the cost is a resident size that
-    stays at the step's peak. Allocator settings in the environment (MALLOC_*_,
+    stays at the step's peak. Allocator settings in the environment (MALLOC_*_, glibc.malloc.* in
     GLIBC_TUNABLES) or SELFSUP_MALLOC=default leave glibc as it is; other C libraries are left alone.
     """
     if os.environ.get("SELFSUP_MALLOC", "").lower() == "default":
         return "malloc: glibc defaults (SELFSUP_MALLOC=default)"
-    if any(name in os.environ for name in ALLOCATOR_ENV):
+    if any(name in os.environ for name in ALLOCATOR_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return "malloc: as the environment sets it"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return "malloc: the C library's defaults"

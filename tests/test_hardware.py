@@ -200,7 +200,8 @@ def malloc_probe(mode: str, **env: str) -> tuple[int, int, int, str]:
     import subprocess
     import sys
 
-    clean = {k: v for k, v in os.environ.items() if k not in (*hardware.ALLOCATOR_ENV, "SELFSUP_MALLOC")}
+    unset = (*hardware.ALLOCATOR_ENV, "GLIBC_TUNABLES", "SELFSUP_MALLOC")
+    clean = {k: v for k, v in os.environ.items() if k not in unset}
     done = subprocess.run([sys.executable, "-c", MALLINFO_PROBE, mode], env={**clean, **env}, capture_output=True,
                           text=True, check=True, cwd=Path(__file__).resolve().parents[1])
     mmapped, heap_held, heap_after = map(int, done.stdout.split())
@@ -216,6 +217,7 @@ def test_keep_freed_memory_serves_large_blocks_from_a_heap_that_is_not_trimmed()
     assert said == "malloc: freed memory kept (glibc mallopt)"
     assert mmapped < block and heap_held >= block  # from the heap ...
     assert heap_after == heap_held  # ... which is not trimmed after the free
-    for env in ({"SELFSUP_MALLOC": "default"}, {"MALLOC_TRIM_THRESHOLD_": "131072"}):  # the user's choice wins
+    for env in ({"SELFSUP_MALLOC": "default"}, {"MALLOC_TRIM_THRESHOLD_": "131072"},  # the user's choice wins
+                {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}):
         mmapped, _, _, said = malloc_probe("keep", **env)
         assert mmapped >= block, (env, said)
