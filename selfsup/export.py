@@ -194,8 +194,10 @@ def _meta_from_timm_config(hub: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_from_checkpoint(ckpt: Path, map_location) -> tuple[nn.Module, dict[str, Any]]:
-    """A checkpoint holds the whole method; its encoder's keys are those under `encoder.`."""
+    """A checkpoint holds the whole method; its encoder's keys are those under the method's `encoder_key`
+    (`encoder.`; DINO / iBOT: `backbone.` or `teacher_backbone.`, as `method.export` chose)."""
     from selfsup.config import load_config
+    from selfsup.methods import get_method_class
 
     run_dir = ckpt.parent.parent
     config_file = run_dir / "config.yaml"
@@ -204,7 +206,8 @@ def _load_from_checkpoint(ckpt: Path, map_location) -> tuple[nn.Module, dict[str
     cfg = load_config(config_file)
     encoder = create_backbone(cfg.backbone.name, **cfg.backbone.kwargs)
     full = _read_safetensors(ckpt / WEIGHTS, map_location)
-    state = {k[len("encoder."):]: v for k, v in full.items() if k.startswith("encoder.")}
+    prefix = get_method_class(cfg.method.name).encoder_key(cfg.method) + "."
+    state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
     _load_state(encoder, state, ckpt / WEIGHTS)
     meta = {
         "format": FORMAT,

@@ -195,6 +195,40 @@ def test_export_is_the_student_or_the_teacher_backbone_and_reloads(tmp_path, whi
         assert meta["method"] == "dino" and torch.equal(model.encoder(x), loaded(x))
 
 
+@pytest.mark.parametrize("method", ["dino", "ibot"])
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_a_checkpoint_directory_loads_as_the_exported_encoder(tmp_path, method, which) -> None:
+    """tools/knn.py --encoder runs/<run>/checkpoints/step_N: the checkpoint holds the whole method, and the
+    encoder is the backbone `method.export` names (no `encoder.` keys, as DINO's encoder is a property)."""
+    from safetensors.torch import save_file
+
+    from selfsup.config import load_config
+    from selfsup.methods import build_method
+
+    head = {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 8, **({"patch_out_dim": 32} if method == "ibot" else {})}
+    raw = tiny_config_dict(tmp_path, method={"name": method, "export": which, **head}, data=E2E_DATA)
+    raw["backbone"] = E2E_BACKBONE
+    config = write_config(tmp_path, raw)
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = build_method(cfg.method, create_backbone(cfg.backbone.name, **cfg.backbone.kwargs))
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)  # student != teacher
+    ckpt = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    (ckpt.parent.parent / "config.yaml").write_text(config.read_text())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
+    (ckpt / "trainer_state.json").write_text("{}")  # what marks a training checkpoint
+    loaded, meta = load_encoder(ckpt)
+    x = torch.randn(3, 3, 16, 16)
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert meta["method"] == method and torch.equal(model.encoder(x), loaded(x))
+        other = model.backbone if which == "teacher" else model.teacher_backbone
+        assert not torch.equal(other(x), loaded(x))
+
+
 # -- two processes --------------------------------------------------------------------------------
 
 

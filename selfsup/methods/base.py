@@ -39,6 +39,12 @@ class Method(nn.Module):
         """
         return {}
 
+    @classmethod
+    def encoder_key(cls, cfg: Any) -> str:
+        """The submodule that holds the exported encoder, as named in this method's state dict (so in its
+        checkpoints): `encoder`, unless `encoder` is a property choosing among submodules (DINO, iBOT)."""
+        return "encoder"
+
     def forward(self, batch: Any) -> StepOutput:  # batch: (views: list[Tensor [B, C, H, W]], labels [B])
         raise NotImplementedError
 

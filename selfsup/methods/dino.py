@@ -151,6 +151,10 @@ class DINO(Method):
         return self.teacher_backbone if self.cfg.export == "teacher" else self.backbone
 
     @classmethod
+    def encoder_key(cls, cfg: DINOConfig) -> str:
+        return "teacher_backbone" if cfg.export == "teacher" else "backbone"
+
+    @classmethod
     def optim_defaults(cls, cfg: DINOConfig, backbone_name: str, backbone_kwargs: dict) -> dict:
         return optim_recipe(backbone_name, backbone_kwargs)
 

@@ -121,6 +121,10 @@ class IBOT(Method):
         return self.teacher_backbone if self.cfg.export == "teacher" else self.backbone
 
     @classmethod
+    def encoder_key(cls, cfg: IBOTConfig) -> str:
+        return "teacher_backbone" if cfg.export == "teacher" else "backbone"
+
+    @classmethod
     def optim_defaults(cls, cfg: IBOTConfig, backbone_name: str, backbone_kwargs: dict) -> dict:
         return optim_recipe(backbone_name, backbone_kwargs)  # main_ibot.py: DINO's defaults
 
