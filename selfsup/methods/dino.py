@@ -147,8 +147,8 @@ class DINO(Method):
         self._checked_sizes: set[tuple] = set()
 
     @property
-    def encoder(self) -> nn.Module:  # what the run exports and evaluates
-        return self.teacher_backbone if self.cfg.export == "teacher" else self.backbone
+    def encoder(self) -> nn.Module:
+        return self.get_submodule(self.encoder_key(self.cfg))  # what the run exports and evaluates
 
     @classmethod
     def encoder_key(cls, cfg: DINOConfig) -> str:

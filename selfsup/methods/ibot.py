@@ -118,7 +118,7 @@ class IBOT(Method):
 
     @property
     def encoder(self) -> nn.Module:
-        return self.teacher_backbone if self.cfg.export == "teacher" else self.backbone
+        return self.get_submodule(self.encoder_key(self.cfg))  # what the run exports and evaluates
 
     @classmethod
     def encoder_key(cls, cfg: IBOTConfig) -> str:
