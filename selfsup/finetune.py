@@ -224,8 +224,11 @@ def build_finetune_optimizer(model: Classifier, cfg: Config, lr: float) -> torch
 
 
 def with_drop_path(backbone: nn.Module, rate: float) -> nn.Module:
-    """The same backbone and weights rebuilt with stochastic depth (timm's `drop_path_rate` is a build argument)."""
-    if rate == 0:
+    """The same backbone and weights rebuilt with stochastic depth `rate` (timm's `drop_path_rate` is a build argument).
+
+    Also when the rate is 0 and the encoder was pretrained with stochastic depth (e.g. a DINO student's 0.1).
+    """
+    if rate == getattr(backbone, "backbone_kwargs", {}).get("drop_path_rate", 0.0):
         return backbone
     kwargs = {**backbone.backbone_kwargs, "drop_path_rate": rate}
     try:

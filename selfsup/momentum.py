@@ -23,17 +23,29 @@ import math
 from collections.abc import Iterable
 
 import torch
+from timm.layers import DropPath
 from torch import Tensor, nn
+from torchvision.ops import StochasticDepth
 
 __all__ = ["BUFFER_POLICIES", "momentum_copy", "momentum_update", "cosine_momentum"]
 
 BUFFER_POLICIES = ("average", "copy", "keep")
 
 
-def momentum_copy(online: nn.Module) -> nn.Module:
-    """A frozen deep copy of `online` to start the EMA from (theta_t = theta_o at step 0, MoCo Alg. 1)."""
+def momentum_copy(online: nn.Module, *, stochastic: bool = True) -> nn.Module:
+    """A frozen deep copy of `online` to start the EMA from (theta_t = theta_o at step 0, MoCo Alg. 1).
+
+    `stochastic=False`: the copy's stochastic depth and dropout are off (a deterministic teacher, as DINO and
+    iBOT build theirs); they hold no parameters or buffers, so the EMA pairs the same tensors either way.
+    """
     target = copy.deepcopy(online)
     target.requires_grad_(False)  # never receives gradients; optimizers built from requires_grad skip it
+    if not stochastic:
+        for module in target.modules():
+            if isinstance(module, DropPath):
+                module.drop_prob = 0.0
+            elif isinstance(module, StochasticDepth | nn.modules.dropout._DropoutNd):
+                module.p = 0.0
     return target
 
 

@@ -19,6 +19,7 @@ from selfsup.export import load_encoder, save_encoder
 from selfsup.heads import DINOHead
 from selfsup.losses import self_distillation
 from selfsup.methods.dino import DINO, DINOConfig
+from selfsup.methods.ibot import IBOT, IBOTConfig
 from selfsup.momentum import cosine_momentum
 from selfsup.optim import build_optimizer, set_weight_decay, weight_decay_at
 from tests import crashing_method
@@ -111,6 +112,21 @@ def test_teacher_gets_no_gradient_and_follows_the_student_by_ema() -> None:
     for t, t0, s in zip(teacher, before, student):
         assert_close(t, m * t0 + (1 - m) * s)
     assert model.step == 3  # 0.3 of 10 steps
+
+
+@pytest.mark.parametrize("method", ["dino", "ibot"])
+def test_the_teacher_drops_no_paths_while_the_student_does(method) -> None:
+    torch.manual_seed(0)  # main_dino.py L162-166, main_ibot.py L206-215: drop_path_rate for the student only
+    vit = create_backbone("vit_tiny_patch4", img_size=16, depth=2, embed_dim=16, num_heads=2, dynamic_img_size=True,
+                          drop_path_rate=0.5)
+    small = {"out_dim": 32, "hidden_dim": 32, "bottleneck_dim": 8}
+    model = DINO(vit, DINOConfig(**small)) if method == "dino" else IBOT(vit, IBOTConfig(**small, patch_out_dim=32))
+    model.train()
+    x = torch.randn(N, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(model.teacher_backbone(x), model.teacher_backbone(x))
+        assert not torch.equal(model.backbone(x), model.backbone(x))
+        assert_close(model.teacher_backbone(x), model.backbone.eval()(x))  # same weights at step 0
 
 
 def test_head_is_the_papers_mlp_bottleneck_and_weight_normalised_prototypes() -> None:

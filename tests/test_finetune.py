@@ -213,6 +213,18 @@ def test_drop_path_rebuild_keeps_the_weights():
     assert dropped.backbone_kwargs["drop_path_rate"] == 0.2
 
 
+def test_a_rate_of_zero_removes_the_stochastic_depth_an_encoder_was_pretrained_with():
+    torch.manual_seed(0)
+    pretrained = create_backbone("vit_tiny_patch4", img_size=16, depth=2, embed_dim=16, num_heads=2, drop_path_rate=0.5)
+    plain = with_drop_path(pretrained, 0.0)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(plain.train()(x), plain(x))  # train mode: no path dropped any more
+        assert torch.equal(plain(x), pretrained.eval()(x))
+    assert plain.backbone_kwargs["drop_path_rate"] == 0.0
+    assert with_drop_path(pretrained, 0.5) is pretrained  # already at the asked rate: nothing to rebuild
+
+
 def test_label_smoothing_loss_matches_its_definition():
     task = SupervisedTask(torch.nn.Identity(), 3, label_smoothing=0.2)
     logits, targets = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])

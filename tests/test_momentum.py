@@ -7,8 +7,10 @@ import math
 
 import pytest
 import torch
+from timm.layers import DropPath
 from torch import nn
 from torch.testing import assert_close
+from torchvision.ops import StochasticDepth
 
 from selfsup.momentum import cosine_momentum, momentum_copy, momentum_update
 
@@ -37,6 +39,19 @@ def test_momentum_copy_is_equal_and_frozen() -> None:
     for (name, p), q in zip(online.named_parameters(), target.parameters()):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr(), name
         assert p.requires_grad and not q.requires_grad
+
+
+def test_a_deterministic_copy_drops_no_paths_and_no_units_while_the_online_network_still_does() -> None:
+    torch.manual_seed(0)
+    online = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), DropPath(0.5), StochasticDepth(0.5, "row"), nn.Linear(8, 3))
+    teacher, plain = momentum_copy(online, stochastic=False), momentum_copy(online)
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        assert torch.equal(teacher.train()(x), teacher(x))  # train mode, nothing random left
+        assert not torch.equal(online.train()(x), online(x))
+        assert not torch.equal(plain.train()(x), plain(x))  # the default copy keeps the online network's noise
+        assert torch.equal(teacher(x), online.eval()(x))  # = the online network with its noise off
+    assert [n for n, _ in teacher.named_parameters()] == [n for n, _ in online.named_parameters()]  # EMA pairs
 
 
 @pytest.mark.parametrize("policy", ["average", "copy", "keep"])

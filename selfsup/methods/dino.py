@@ -139,7 +139,8 @@ class DINO(Method):
         self.backbone = backbone  # student g_s: backbone + head
         self.head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
                              batch_norm=cfg.head_batch_norm, norm_last_layer=cfg.norm_last_layer)
-        self.teacher_backbone = momentum_copy(self.backbone)  # g_t = g_s at step 0, never trained
+        # g_t = g_s at step 0, never trained; without the student's stochastic depth (main_dino.py L162-166)
+        self.teacher_backbone = momentum_copy(self.backbone, stochastic=False)
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # c: [1, K], saved in checkpoints
         self._ddp_params_and_buffers_to_ignore = ["center"]  # equal on every rank by construction (all_reduce)

@@ -109,7 +109,7 @@ class IBOT(Method):
         self.head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
                              batch_norm=cfg.head_batch_norm, norm_last_layer=cfg.norm_last_layer,
                              patch_out_dim=None if cfg.shared_head else cfg.patch_out_dim)
-        self.teacher_backbone = momentum_copy(self.backbone)
+        self.teacher_backbone = momentum_copy(self.backbone, stochastic=False)  # no drop path (main_ibot.py L206-215)
         self.teacher_head = momentum_copy(self.head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # [CLS] centre [1, K]
         self.register_buffer("patch_center", torch.zeros(1, cfg.out_dim if cfg.shared_head else cfg.patch_out_dim))
