@@ -88,12 +88,16 @@ class OptimConfig:
             raise ConfigError(f"optim.flood_level must be > 0 (e.g. 0.05) or null (off), got {self.flood_level}.")
 
 
+CLIP_GRAD_MODES = ("norm", "per_parameter")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 100
     max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
     accumulate_steps: int = 1
     clip_grad: float | None = None  # max gradient norm
+    clip_grad_mode: str = "norm"  # norm: of all gradients together | per_parameter: each on its own (DINO, iBOT)
     precision: str = "auto"  # auto: bf16 on a bf16 GPU or a CPU with native bf16, fp16 on older GPUs, else fp32 | no | bf16 | fp16
     threads: int | None = None  # intra-op CPU threads; None: the usable cores less the DataLoader workers
     seed: int = 0
@@ -107,6 +111,10 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     skip_nonfinite: bool = False  # skip steps whose loss is NaN/Inf instead of stopping
+
+    def __post_init__(self) -> None:
+        if self.clip_grad_mode not in CLIP_GRAD_MODES:
+            raise ConfigError(f"train.clip_grad_mode must be one of {', '.join(CLIP_GRAD_MODES)}, got {self.clip_grad_mode!r}.")
 
 
 FINAL_EVALUATIONS = ("knn", "linear_probe")

@@ -16,24 +16,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.data_loader import prepare_data_loader
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from selfsup.checkpoints import (
-    load_resume_checkpoint,
-    save_checkpoint,
-)
-from selfsup.config import Config
+from selfsup.checkpoints import load_resume_checkpoint, save_checkpoint
+from selfsup.config import Config, ConfigError
 from selfsup.data import _mix_seed
 from selfsup.guards import (  # noqa: F401  (NonFiniteLossError is part of the engine's API)
     NonFiniteLossError, _all_finite, _NonFiniteWatch, _SignalFlag,
 )
 from selfsup.launch import check_trackers, make_accelerator, make_loader  # noqa: F401  (the engine's API)
 from selfsup.losses import flood
-from selfsup.optim import build_optimizer, build_scheduler, scaled_lr, set_weight_decay
+from selfsup.optim import build_optimizer, build_scheduler, clip_grad_per_parameter_, scaled_lr, set_weight_decay
 from selfsup.sampling import EpochSampler
 from selfsup.sharding import gather_full_model, is_sharded, unsharded_copy
 
@@ -203,6 +200,9 @@ def _prepare(model, loader, cfg: Config, accelerator: Accelerator, optimizer, sc
     batch_size = loader.batch_size
     global_batch = batch_size * world * accumulate
     lr = scaled_lr(cfg.optim, global_batch)
+    if tcfg.clip_grad and tcfg.clip_grad_mode == "per_parameter" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError("train.clip_grad_mode=per_parameter clips whole parameters, which FSDP shards: set "
+                          "train.clip_grad_mode=norm (the norm of all gradients together).")
     if optimizer is None:
         optimizer = build_optimizer(model, cfg.optim, lr)
     if tcfg.channels_last:
@@ -290,7 +290,11 @@ def _train_step(run: _Run, batch, cfg: Config, accelerator: Accelerator, watch, 
             watch.record(out.loss, step + 1)
         accelerator.backward(flood(out.loss, cfg.optim.flood_level))  # logged: the loss itself
         if accelerator.sync_gradients and tcfg.clip_grad:
-            accelerator.clip_grad_norm_(run.model.parameters(), tcfg.clip_grad)
+            if tcfg.clip_grad_mode == "per_parameter":
+                accelerator.unscale_gradients()  # fp16: the loss scale off first, as clip_grad_norm_ does
+                clip_grad_per_parameter_(run.model.parameters(), tcfg.clip_grad)
+            else:
+                accelerator.clip_grad_norm_(run.model.parameters(), tcfg.clip_grad)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     return out

@@ -72,6 +72,18 @@ LARS_REGISTRY = OptimizerRegistry()
 LARS_REGISTRY.register(OptimInfo(name="lars", opt_class=LARS, description="LARS as in MoCo v3 / MAE", has_momentum=True))
 
 
+@torch.no_grad()
+def clip_grad_per_parameter_(parameters, max_norm: float) -> None:
+    """Each gradient scaled on its own to an L2 norm of at most `max_norm`: g <- g * min(1, max_norm / (|g| + 1e-6)),
+    the clipping of DINO and iBOT (facebookresearch/dino utils.py L132-141), in two fused calls."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch.stack(torch._foreach_norm(grads))
+    scales = (max_norm / (norms + 1e-6)).clamp_(max=1.0)
+    torch._foreach_mul_(grads, list(scales.unbind()))
+
+
 def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
     """The papers' rule: lr = base_lr x global_batch / 256 (linear; sqrt for LARS with small batches)."""
     if cfg.lr_scaling == "linear":
